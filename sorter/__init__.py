@@ -1,0 +1,3 @@
+"""sorter: camera frames in, routing commands out, for warehouse sortation lines."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,202 @@
+"""The ``sorter`` command line (typer): thin wrappers that parse flags and call the library."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sorter.errors import SorterError
+from sorter.logs import configure_logging
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="sorter: classify conveyor photos and route items to chutes.",
+)
+out_console = Console()
+
+
+@app.callback()
+def _root(
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error")] = "info",
+    log_format: Annotated[str, typer.Option(help="json (one event per line) or console")] = "json",
+) -> None:
+    configure_logging(log_level, json=log_format == "json")
+
+
+@app.command()
+def synth(
+    out_dir: Annotated[Path, typer.Argument(help="folder to write the ImageFolder tree into")],
+    classes: Annotated[int, typer.Option(help="number of product classes")] = 10,
+    per_class: Annotated[int, typer.Option(help="photos per class")] = 60,
+    seed: Annotated[int, typer.Option(help="same seed, same bytes")] = 0,
+    width: Annotated[int, typer.Option(help="photo width in pixels")] = 640,
+    height: Annotated[int, typer.Option(help="photo height in pixels")] = 480,
+    val_per_class: Annotated[
+        int,
+        typer.Option(
+            help="also write OUT/val with this many photos per class (different seed); photos then go to OUT/train"
+        ),
+    ] = 0,
+) -> None:
+    """Generate synthetic conveyor photos of products (ImageFolder layout, plus skus.json)."""
+    from sorter.data.synth import write_dataset
+    from sorter.progress import progress_bar
+
+    splits = [(out_dir, per_class, seed)]
+    if val_per_class:
+        splits = [(out_dir / "train", per_class, seed), (out_dir / "val", val_per_class, seed + 1_000_003)]
+    total = sum(n for _, n, _ in splits) * classes
+    with progress_bar(total, "rendering photos") as advance:
+        for folder, n, s in splits:
+            write_dataset(folder, classes, n, seed=s, size=(width, height), progress=advance)
+    if val_per_class:
+        (out_dir / "skus.json").write_text((out_dir / "train" / "skus.json").read_text())
+    out_console.print(f"wrote {total} photos of {classes} products to {out_dir}")
+
+
+@app.command()
+def train(
+    data_dir: Annotated[Path, typer.Argument(help="ImageFolder tree (DATA/<label>/*.jpg, or DATA/train + DATA/val)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="checkpoint file to write")],
+    backbone: Annotated[str, typer.Option(help="resnet18 or mobilenet_v2")] = "resnet18",
+    epochs: Annotated[int, typer.Option(help="total epochs over both phases")] = 10,
+    head_epochs: Annotated[int | None, typer.Option(help="phase-1 epochs (frozen backbone); default 40%")] = None,
+    image_size: Annotated[int, typer.Option(help="square model input, pixels")] = 224,
+    batch_size: Annotated[int, typer.Option()] = 32,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16")] = "auto",
+    pretrained: Annotated[
+        bool, typer.Option("--pretrained/--no-pretrained", help="start from ImageNet weights (found offline)")
+    ] = True,
+    weights: Annotated[Path | None, typer.Option(help="ImageNet weights file for the backbone")] = None,
+    attention: Annotated[bool, typer.Option("--attention/--no-attention", help="spatial attention head")] = True,
+    seed: Annotated[int, typer.Option()] = 0,
+    patience: Annotated[int, typer.Option(help="early-stopping patience, epochs")] = 3,
+    val_fraction: Annotated[float, typer.Option(help="validation share when DATA has no val/")] = 0.2,
+    workers: Annotated[int, typer.Option(help="data-loader worker processes")] = 0,
+    model_version: Annotated[str | None, typer.Option(help="version string stamped on routing commands")] = None,
+) -> None:
+    """Train the attention classifier in two phases (frozen backbone, then fine-tuning)."""
+    from sorter.train.trainer import TrainConfig
+    from sorter.train.trainer import train as run_training
+
+    config = TrainConfig(
+        backbone=backbone,
+        epochs=epochs,
+        head_epochs=head_epochs,
+        image_size=image_size,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+        pretrained=pretrained,
+        weights=weights,
+        attention=attention,
+        seed=seed,
+        patience=patience,
+        val_fraction=val_fraction,
+        num_workers=workers,
+        model_version=model_version,
+    )
+    result = run_training(data_dir, out, config)
+    e = result.evaluation
+    out_console.print(
+        f"[bold]{out}[/]: val accuracy {e.accuracy:.3f}, macro-F1 {e.macro_f1:.3f}, ECE {e.ece:.3f} "
+        f"({result.seconds:.0f} s); curves in {out.with_suffix('')}.curves.png"
+    )
+
+
+@app.command()
+def evaluate(
+    data_dir: Annotated[Path, typer.Argument(help="ImageFolder tree; test/ or val/ inside it is used if present")],
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", "-c")],
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object as the last line")] = False,
+    confusion: Annotated[
+        Path | None, typer.Option(help="confusion-matrix PNG (default: next to the checkpoint)")
+    ] = None,
+    device: Annotated[str, typer.Option()] = "auto",
+    precision: Annotated[str, typer.Option()] = "auto",
+) -> None:
+    """Accuracy, per-class precision/recall, macro-F1, calibration (ECE) and a confusion matrix."""
+    from sorter.train.evaluate import evaluate_folder
+    from sorter.train.plots import plot_confusion
+
+    evaluation, classes, root = evaluate_folder(data_dir, checkpoint, device=device, precision=precision)
+    png = confusion or checkpoint.with_suffix("").with_name(checkpoint.stem + ".confusion.png")
+    plot_confusion(evaluation.confusion, classes, png, title=f"{checkpoint.name} on {root}")
+    table = Table(title=f"{checkpoint.name} on {root} ({evaluation.n} photos)")
+    for col in ("class", "precision", "recall", "f1", "support"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    for c in evaluation.per_class:
+        table.add_row(c.label, f"{c.precision:.3f}", f"{c.recall:.3f}", f"{c.f1:.3f}", str(c.support))
+    console = Console(stderr=as_json)  # keep stdout for the JSON line when asked
+    console.print(table)
+    console.print(
+        f"accuracy {evaluation.accuracy:.4f}  macro-F1 {evaluation.macro_f1:.4f}  "
+        f"ECE {evaluation.ece:.4f}  confusion matrix: {png}"
+    )
+    if as_json:
+        sys.stdout.write(json.dumps(evaluation.summary() | {"confusion_png": str(png)}) + "\n")
+
+
+@app.command()
+def explain(
+    image: Annotated[Path, typer.Argument(help="a photo (JPEG, PNG, WebP, ...)")],
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", "-c")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write")],
+    top_k: Annotated[int, typer.Option(help="how many predictions to show")] = 5,
+    device: Annotated[str, typer.Option()] = "auto",
+) -> None:
+    """Draw the model's spatial attention over a photo, with its top-k predictions."""
+    from sorter.train.explain import explain_image
+
+    result = explain_image(image, checkpoint, out, top_k=top_k, device=device)
+    for label, sku, p in result.top:
+        out_console.print(f"{p:7.3f}  {label}  ({sku})")
+    out_console.print(f"attention map: {out}")
+
+
+@app.command()
+def demo(
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+    fresh: Annotated[bool, typer.Option(help="retrain the cached demo model")] = False,
+) -> None:
+    """The embedded default: train (once, cached) and evaluate a model on synthetic conveyor photos."""
+    import shutil
+
+    from sorter.demo import demo_files, ensure_demo_model
+    from sorter.train.evaluate import evaluate_folder
+    from sorter.train.explain import explain_image
+    from sorter.train.plots import plot_confusion
+
+    if fresh:
+        shutil.rmtree(demo_files().root, ignore_errors=True)
+    files = ensure_demo_model(device=device)
+    evaluation, classes, root = evaluate_folder(files.test, files.checkpoint, device=device)
+    confusion_png = files.root / "confusion.png"
+    plot_confusion(evaluation.confusion, classes, confusion_png, title="demo model on unseen photos")
+    photo = sorted(files.test.glob("*/*.jpg"))[0]
+    explanation = explain_image(photo, files.checkpoint, files.root / "attention.png", device=device)
+    label, sku, p = explanation.top[0]
+    out_console.print(
+        f"\n[bold]demo model[/] {files.checkpoint}\n"
+        f"  unseen photos: {evaluation.n}, accuracy {evaluation.accuracy:.3f}, macro-F1 {evaluation.macro_f1:.3f}, "
+        f"ECE {evaluation.ece:.3f}\n"
+        f"  {photo.name} -> {label} ({sku}) with confidence {p:.3f}\n"
+        f"  pictures: {files.root / 'model.curves.png'}, {confusion_png}, {files.root / 'attention.png'}"
+    )
+
+
+def main() -> None:
+    try:
+        app()
+    except SorterError as exc:
+        sys.stderr.write(f"error: {exc}\n")  # unwrapped: this line is read by people and by log pipelines
+        sys.exit(2)

@@ -1,0 +1,1 @@
+"""Image datasets: reading ImageFolder trees, and the synthetic conveyor-photo generator."""

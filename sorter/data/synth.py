@@ -1,0 +1,267 @@
+"""Procedural conveyor photos: products on a moving belt, seen from an overhead camera.
+
+Each class is a product *design* (shape, body colour, label pattern) fixed by its index, so sets
+generated with different seeds share their classes; each photo varies pose, scale, position,
+lighting, shadow, motion blur, sensor noise, partial occlusion and JPEG quality. Same seed, same
+bytes. The layout is an ImageFolder tree (``OUT/<label>/<label>-<n>.jpg``) plus ``skus.json``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+KINDS = ("box", "bottle", "can", "pouch", "tube", "jar", "bag", "tray")
+COLOURS = {  # RGB, chosen far apart so lighting changes do not carry one into another
+    "red": (200, 30, 35),
+    "green": (40, 160, 60),
+    "blue": (35, 70, 200),
+    "yellow": (235, 205, 40),
+    "white": (235, 235, 230),
+    "black": (30, 30, 34),
+    "orange": (240, 125, 25),
+    "purple": (130, 50, 160),
+    "brown": (150, 100, 60),
+    "teal": (20, 150, 150),
+}
+PATTERNS = ("stripes", "dots", "band", "checker", "logo", "plain")
+
+
+@dataclass(frozen=True)
+class ProductDesign:
+    kind: str
+    colour: str
+    pattern: str
+    sku: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}-{self.colour}-{self.pattern}"
+
+
+def catalog(n: int) -> list[ProductDesign]:
+    """The first ``n`` product designs: the same list for every seed. Designs differ in shape first,
+    then colour, then pattern, so small catalogs are made of clearly different products."""
+    if n < 1:
+        raise ValueError("need at least one class")
+    combos = list(itertools.product(range(len(PATTERNS)), range(len(COLOURS)), range(len(KINDS))))
+    if n > len(combos):
+        raise ValueError(f"at most {len(combos)} classes can be generated")
+    colours = list(COLOURS)
+    designs = []
+    for i in range(n):
+        kind = KINDS[i % len(KINDS)]
+        colour = colours[(i * 3 + i // len(KINDS)) % len(colours)]
+        pattern = PATTERNS[(i + i // len(KINDS) * 2) % len(PATTERNS)]
+        designs.append(ProductDesign(kind, colour, pattern, sku=f"SKU-{100000 + 7919 * i % 900000:06d}"))
+    labels = [d.label for d in designs]
+    if len(set(labels)) != len(labels):  # fall back to exhaustive enumeration for very large catalogs
+        designs = [
+            ProductDesign(KINDS[k], colours[c], PATTERNS[p], f"SKU-{100000 + 7919 * i % 900000:06d}")
+            for i, (p, c, k) in enumerate(combos[:n])
+        ]
+    return designs
+
+
+def _contrast(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
+    return (20, 20, 24) if sum(rgb) > 420 else (240, 240, 235)
+
+
+def _shape_mask(kind: str, w: int, h: int) -> np.ndarray:
+    """Silhouette of the product in its own frame (w x h), as a uint8 mask."""
+    m = np.zeros((h, w), np.uint8)
+    if kind == "box":
+        m[:] = 255
+    elif kind == "bottle":
+        cv2.rectangle(m, (int(w * 0.15), int(h * 0.3)), (int(w * 0.85), h - 1), 255, -1)
+        cv2.ellipse(m, (w // 2, int(h * 0.3)), (int(w * 0.35), int(h * 0.12)), 0, 180, 360, 255, -1)
+        cv2.rectangle(m, (int(w * 0.38), 0), (int(w * 0.62), int(h * 0.25)), 255, -1)
+    elif kind == "can":
+        cv2.circle(m, (w // 2, h // 2), min(w, h) // 2 - 1, 255, -1)
+    elif kind == "pouch":
+        pts = np.array([[w * 0.1, h * 0.12], [w * 0.9, h * 0.12], [w, h - 1], [0, h - 1]], np.int32)
+        cv2.fillPoly(m, [pts], 255)
+        for x in range(0, w, max(4, w // 12)):  # zig-zag seal
+            cv2.line(m, (x, int(h * 0.12)), (x + w // 24, 0), 255, max(2, w // 24))
+    elif kind == "tube":
+        cv2.rectangle(m, (int(w * 0.3), int(h * 0.1)), (int(w * 0.7), h - 1), 255, -1)
+        cv2.rectangle(m, (int(w * 0.25), 0), (int(w * 0.75), int(h * 0.12)), 255, -1)
+    elif kind == "jar":
+        cv2.ellipse(m, (w // 2, h // 2), (w // 2 - 1, int(h * 0.42)), 0, 0, 360, 255, -1)
+        cv2.rectangle(m, (int(w * 0.2), 0), (int(w * 0.8), int(h * 0.18)), 255, -1)
+    elif kind == "bag":
+        pts = np.array(
+            [[w * 0.2, 0], [w * 0.8, h * 0.05], [w, h * 0.5], [w * 0.85, h - 1], [w * 0.1, h * 0.95], [0, h * 0.45]],
+            np.int32,
+        )
+        cv2.fillPoly(m, [pts], 255)
+    elif kind == "tray":
+        cv2.rectangle(m, (0, int(h * 0.2)), (w - 1, int(h * 0.8)), 255, -1)
+    return m
+
+
+def _shape_size(kind: str) -> tuple[float, float]:
+    return {
+        "box": (1.0, 0.75),
+        "bottle": (0.45, 1.0),
+        "can": (0.7, 0.7),
+        "pouch": (0.7, 0.85),
+        "tube": (0.4, 1.1),
+        "jar": (0.65, 0.8),
+        "bag": (0.85, 0.9),
+        "tray": (1.1, 0.9),
+    }[kind]
+
+
+def _paint_product(design: ProductDesign, w: int, h: int, rng: np.random.Generator) -> np.ndarray:
+    body = np.array(COLOURS[design.colour], np.float32)
+    body = np.clip(body * rng.uniform(0.9, 1.1) + rng.normal(0, 6, 3), 0, 255)
+    img = np.empty((h, w, 3), np.uint8)
+    img[:] = body.astype(np.uint8)
+    ink = _contrast(COLOURS[design.colour])
+    s = max(4, min(w, h) // 10)
+    if design.pattern == "stripes":
+        for y in range(0, h, 2 * s):
+            cv2.rectangle(img, (0, y), (w, y + s // 2 + 2), ink, -1)
+    elif design.pattern == "dots":
+        for y in range(s, h, 2 * s):
+            for x in range(s, w, 2 * s):
+                cv2.circle(img, (x, y), max(2, s // 2), ink, -1)
+    elif design.pattern == "band":
+        cv2.rectangle(img, (0, int(h * 0.4)), (w, int(h * 0.65)), (245, 245, 240), -1)
+        for x in range(int(w * 0.15), int(w * 0.85), max(3, s // 3)):  # barcode on the band
+            cv2.line(img, (x, int(h * 0.45)), (x, int(h * 0.6)), (15, 15, 15), max(1, s // 6))
+    elif design.pattern == "checker":
+        for y in range(0, h, s):
+            for x in range(0, w, s):
+                if (x // s + y // s) % 2 == 0:
+                    cv2.rectangle(img, (x, y), (x + s - 1, y + s - 1), ink, -1)
+    elif design.pattern == "logo":
+        r = min(w, h) // 4
+        cv2.circle(img, (w // 2, h // 2), r, ink, -1)
+        cv2.circle(img, (w // 2, h // 2), r // 2, tuple(int(c) for c in body), -1)
+    # every product carries a printed code label, like real packaging
+    cv2.putText(
+        img,
+        design.sku[-4:],
+        (int(w * 0.12), int(h * 0.9)),
+        cv2.FONT_HERSHEY_SIMPLEX,
+        max(0.3, w / 260),
+        ink,
+        max(1, w // 120),
+        cv2.LINE_AA,
+    )
+    return img
+
+
+def _belt(width: int, height: int, rng: np.random.Generator) -> np.ndarray:
+    grey = rng.uniform(45, 95)
+    tint = rng.normal(0, 4, 3)
+    texture = rng.standard_normal((height, width, 1), dtype=np.float32) * 7
+    belt = np.clip(grey + tint.astype(np.float32) + texture, 0, 255).astype(np.uint8)
+    belt = cv2.GaussianBlur(belt, (3, 3), 0)
+    offset, pitch = rng.integers(0, 200), rng.integers(140, 260)
+    for x in range(int(offset) % int(pitch), width, int(pitch)):  # belt seams, across the direction of travel
+        cv2.line(belt, (x, 0), (x, height), (int(grey * 0.6),) * 3, 2)
+    rail = max(6, height // 20)
+    metal = (170, 172, 176)
+    cv2.rectangle(belt, (0, 0), (width, rail), metal, -1)
+    cv2.rectangle(belt, (0, height - rail), (width, height), metal, -1)
+    return belt
+
+
+def render(
+    design: ProductDesign, rng: np.random.Generator, size: tuple[int, int] = (640, 480), quality: int | None = None
+) -> bytes:
+    """One JPEG photo of ``design`` on a belt."""
+    width, height = size
+    frame = _belt(width, height, rng).astype(np.float32)
+
+    base = min(width, height) * rng.uniform(0.45, 0.65)
+    fw, fh = _shape_size(design.kind)
+    w, h = max(16, int(base * fw)), max(16, int(base * fh))
+    product = _paint_product(design, w, h, rng)
+    mask = _shape_mask(design.kind, w, h)
+
+    # place: random rotation (overhead camera: any angle), position mostly inside the frame
+    angle = rng.uniform(0, 360)
+    diag = int(math.hypot(w, h)) + 4
+    canvas_p = np.zeros((diag, diag, 3), np.uint8)
+    canvas_m = np.zeros((diag, diag), np.uint8)
+    y0, x0 = (diag - h) // 2, (diag - w) // 2
+    canvas_p[y0 : y0 + h, x0 : x0 + w] = product
+    canvas_m[y0 : y0 + h, x0 : x0 + w] = mask
+    cx = rng.uniform(width * 0.3, width * 0.7)
+    cy = rng.uniform(height * 0.35, height * 0.65)
+    rot = cv2.getRotationMatrix2D((diag / 2, diag / 2), angle, 1.0)
+    rot[:, 2] += (cx - diag / 2, cy - diag / 2)
+    warped = cv2.warpAffine(canvas_p, rot, (width, height), flags=cv2.INTER_LINEAR)
+    alpha = cv2.warpAffine(canvas_m, rot, (width, height), flags=cv2.INTER_LINEAR).astype(np.float32) / 255
+
+    # soft shadow cast away from the light
+    shift = np.float32([[1, 0, rng.uniform(4, 14)], [0, 1, rng.uniform(4, 14)]])
+    shadow = cv2.GaussianBlur(cv2.warpAffine(alpha, shift, (width, height)), (0, 0), 6)
+    frame *= (1 - 0.5 * shadow)[..., None]
+    frame = frame * (1 - alpha[..., None]) + warped.astype(np.float32) * alpha[..., None]
+
+    # partial occlusion: a guard bar or a neighbouring parcel's corner over part of the item
+    if rng.random() < 0.3:
+        ox = int(cx + rng.choice([-1, 1]) * w * rng.uniform(0.3, 0.6))
+        oy = int(cy + rng.uniform(-0.4, 0.4) * h)
+        half = int(base * rng.uniform(0.2, 0.35))
+        colour = (165, 125, 85) if rng.random() < 0.5 else (60, 60, 64)  # cardboard or steel
+        cv2.rectangle(frame, (ox - half, oy - half), (ox + half, oy + half), colour, -1)
+
+    # lighting: global gain, a gradient across the belt, colour temperature
+    gx = np.linspace(rng.uniform(0.75, 1.0), rng.uniform(1.0, 1.25), width, dtype=np.float32)
+    gain = rng.uniform(0.8, 1.15)
+    temperature = np.array([1 + rng.uniform(-0.06, 0.06), 1.0, 1 + rng.uniform(-0.06, 0.06)], np.float32)
+    frame = frame * gain * gx[None, :, None] * temperature
+
+    # motion blur along the belt (x), then sensor noise
+    if rng.random() < 0.6:
+        k = int(rng.integers(3, 10))
+        kernel = np.zeros((1, k), np.float32)
+        kernel[0, :] = 1.0 / k
+        frame = cv2.filter2D(frame, -1, kernel)
+    frame += rng.standard_normal(frame.shape, dtype=np.float32) * rng.uniform(1.5, 5)
+    rgb = np.clip(frame, 0, 255).astype(np.uint8)
+
+    q = int(quality if quality is not None else rng.integers(55, 95))
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, q])
+    if not ok:  # pragma: no cover - OpenCV always encodes a valid uint8 image
+        raise RuntimeError("JPEG encoding failed")
+    return buf.tobytes()
+
+
+def generate(
+    classes: int, per_class: int, seed: int = 0, size: tuple[int, int] = (640, 480)
+) -> Iterator[tuple[ProductDesign, int, bytes]]:
+    """Yield ``(design, index, jpeg_bytes)``; deterministic in ``(classes, per_class, seed, size)``."""
+    for class_index, design in enumerate(catalog(classes)):
+        rng = np.random.default_rng([seed, class_index])
+        for n in range(per_class):
+            yield design, n, render(design, rng, size)
+
+
+def write_dataset(
+    out: Path, classes: int, per_class: int, seed: int = 0, size: tuple[int, int] = (640, 480), progress=None
+) -> list[ProductDesign]:
+    """Write an ImageFolder tree under ``out`` and ``out/skus.json`` (label -> SKU)."""
+    designs = catalog(classes)
+    out.mkdir(parents=True, exist_ok=True)
+    for design, n, data in generate(classes, per_class, seed, size):
+        folder = out / design.label
+        folder.mkdir(exist_ok=True)
+        (folder / f"{design.label}-{n:05d}.jpg").write_bytes(data)
+        if progress is not None:
+            progress()
+    (out / "skus.json").write_text(json.dumps({d.label: d.sku for d in designs}, indent=2) + "\n")
+    return designs

@@ -1,0 +1,35 @@
+"""One root exception for the package, so callers can catch sorter's failures apart from bugs.
+
+Every message says what went wrong *and* what to do about it: these errors end up in front of
+an on-call engineer or in a CLI, not in a debugger.
+"""
+
+from __future__ import annotations
+
+
+class SorterError(Exception):
+    """Root of every error sorter raises on purpose."""
+
+
+class ConfigError(SorterError):
+    """Configuration that cannot work; raised at start-up."""
+
+
+class WeightsError(SorterError):
+    """A pretrained-weights file that cannot be used for the backbone it was given for."""
+
+
+class WeightsNotFoundError(WeightsError):
+    """No pretrained weights could be found offline for a backbone."""
+
+
+class CheckpointError(SorterError):
+    """A checkpoint that is missing, truncated, tampered with or does not match its model."""
+
+
+class DatasetError(SorterError):
+    """A training/evaluation folder that cannot be used as it is."""
+
+
+class FrameDecodeError(SorterError):
+    """An image payload that cannot be turned into pixels (corrupt, too large, unknown format)."""

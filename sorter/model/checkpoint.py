@@ -1,0 +1,153 @@
+"""Checkpoints: the weights plus everything needed to serve them, verified on load.
+
+File layout (a ``torch.save`` of plain containers, so it loads with ``weights_only=True``)::
+
+    {"format": "sorter-checkpoint", "format_version": 1,
+     "meta": {... ModelMeta as JSON-compatible types ...},
+     "state_dict": {name: tensor},
+     "sha256": hex digest over meta + every tensor's name, dtype, shape and bytes}
+
+Loading refuses, with a message that says what to fix: a file that is not there, truncated or not a
+torch file; one that would need pickled code; another format or version; a digest that does not
+match (edited after it was written); metadata that does not validate; weights that do not fit the
+model the metadata describes (strict keys and shapes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sorter.errors import CheckpointError
+from sorter.model.backbones import BACKBONES
+from sorter.model.classifier import AttentionClassifier, build_classifier
+from sorter.model.serialization import safe_torch_load
+
+FORMAT = "sorter-checkpoint"
+FORMAT_VERSION = 1
+
+
+class ModelMeta(BaseModel):
+    """What a server needs to know about a model, carried inside its checkpoint."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backbone: str
+    attention: bool = True
+    classes: list[str] = Field(min_length=2, description="label of each output index")
+    skus: list[str] = Field(description="SKU id of each output index")
+    image_size: int = Field(ge=32, le=1024)
+    resize: str = "squash"
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    model_version: str = Field(min_length=1)
+    data_fingerprint: str = ""
+    created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    metrics: dict[str, float] = Field(default_factory=dict)
+    train_config: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, value: str) -> str:
+        if value not in BACKBONES:
+            raise ValueError(f"unknown backbone {value!r} (known: {', '.join(BACKBONES)})")
+        return value
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if min(value) <= 0:
+            raise ValueError("std must be positive")
+        return value
+
+    @model_validator(mode="after")
+    def _aligned(self) -> ModelMeta:
+        if len(self.skus) != len(self.classes):
+            raise ValueError(f"{len(self.skus)} skus for {len(self.classes)} classes")
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError("class labels must be unique")
+        if self.resize != "squash":
+            raise ValueError(f"unknown resize mode {self.resize!r}")
+        return self
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def _digest(meta: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(meta, sort_keys=True).encode())
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        h.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return h.hexdigest()
+
+
+def save_checkpoint(path: Path, model: AttentionClassifier, meta: ModelMeta) -> None:
+    """Write atomically (temp file + rename): a reader never sees half a checkpoint."""
+    state = {
+        k: v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()
+        for k, v in model.state_dict().items()
+    }
+    meta_json = meta.model_dump(mode="json")
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "meta": meta_json,
+        "state_dict": state,
+        "sha256": _digest(meta_json, state),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path: Path) -> tuple[ModelMeta, dict[str, torch.Tensor]]:
+    """Read and verify a checkpoint file, without building a model."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; train one with `sorter train DATA --out {path}`")
+    payload = safe_torch_load(path, CheckpointError, "checkpoint")
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a sorter checkpoint (no '{FORMAT}' format marker)")
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has format version {payload.get('format_version')!r}; this sorter reads "
+            f"version {FORMAT_VERSION}. Re-export it with the sorter version that wrote it."
+        )
+    meta_json, state = payload.get("meta"), payload.get("state_dict")
+    if not isinstance(meta_json, dict) or not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} lacks its metadata or weights")
+    if payload.get("sha256") != _digest(meta_json, state):
+        raise CheckpointError(
+            f"checkpoint {path} fails its integrity check: its weights or metadata were changed after it "
+            f"was written. Use the original file or retrain."
+        )
+    try:
+        meta = ModelMeta.model_validate(meta_json)
+    except ValidationError as exc:
+        raise CheckpointError(f"checkpoint {path} has invalid metadata:\n{exc}") from exc
+    return meta, state
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[AttentionClassifier, ModelMeta]:
+    """A verified checkpoint -> an ``eval()`` model on ``device`` and its metadata."""
+    meta, state = read_checkpoint(path)
+    model, _ = build_classifier(meta.backbone, meta.num_classes, pretrained=False, attention=meta.attention)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"checkpoint {path}'s weights do not fit a {meta.backbone} classifier with {meta.num_classes} "
+            f"classes: {' '.join(str(exc).split())[:600]}"
+        ) from exc
+    return model.to(device).eval(), meta

@@ -1,0 +1,91 @@
+"""The attention classifier: backbone trunk -> spatial attention -> global average pooling -> linear.
+
+    X = trunk(image)                    (N, C, H/32, W/32)
+    A = sigmoid(conv1x1(X)); Y = A * X  (N, 1, h, w), (N, C, h, w)
+    logits = linear(mean_hw(Y))         (N, classes)
+
+Works for any batch size, including one (the pooled features are ``mean(dim=(2, 3))``, never a bare
+``squeeze``), and the attention map can be returned to explain a decision.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sorter.model.attention import SpatialAttention
+from sorter.model.backbones import get_backbone
+from sorter.model.weights import WeightsSource, load_trunk_weights, resolve_weights
+
+
+class AttentionClassifier(nn.Module):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        channels: int,
+        num_classes: int,
+        *,
+        attention: bool = True,
+        dropout: float = 0.2,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
+        self.backbone = backbone
+        # ``attention=False`` exists for the ablation benchmark (does the head earn its place?).
+        self.attention = SpatialAttention(channels) if attention else None
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(channels, num_classes)
+        # Temperature scaling (Guo et al., 2017), fitted on validation data after training: logits / T
+        # makes the softmax confidence match the observed accuracy, which the routing threshold relies on.
+        self.register_buffer("temperature", torch.ones(()))
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled features ``(N, C)`` and the attention map ``(N, 1, h, w)`` (all ones without the head)."""
+        features = self.backbone(x)
+        if self.attention is None:
+            attention_map = features.new_ones(features.shape[0], 1, *features.shape[2:])
+        else:
+            features, attention_map = self.attention(features)
+        return features.mean(dim=(2, 3)), attention_map
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_attention(x)[0]
+
+    def forward_with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Calibrated logits ``(N, classes)`` and the attention map ``(N, 1, h, w)`` in [0, 1]."""
+        pooled, attention_map = self.forward_features(x)
+        return self.head(self.dropout(pooled)) / self.temperature, attention_map
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """Everything trained in phase 1 (the backbone stays frozen)."""
+        params = list(self.head.parameters())
+        if self.attention is not None:
+            params += list(self.attention.parameters())
+        return params
+
+
+def build_classifier(
+    backbone: str,
+    num_classes: int,
+    *,
+    pretrained: bool = True,
+    weights: Path | None = None,
+    attention: bool = True,
+    dropout: float = 0.2,
+) -> tuple[AttentionClassifier, WeightsSource | None]:
+    """Build a classifier; with ``pretrained`` the trunk gets ImageNet weights found offline.
+
+    Returns the model and where its trunk weights came from (``None`` for random initialisation).
+    """
+    spec = get_backbone(backbone)
+    full = spec.build_model()
+    trunk = spec.trunk(full)
+    source = None
+    if pretrained:
+        source = resolve_weights(spec, weights)
+        load_trunk_weights(spec, full, trunk, source.path)
+    model = AttentionClassifier(trunk, spec.channels, num_classes, attention=attention, dropout=dropout)
+    return model, source

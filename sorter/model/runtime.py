@@ -1,0 +1,71 @@
+"""The inference/training context chosen once: device, precision (autocast), memory format."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sorter.errors import ConfigError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    """True where the CPU computes bf16 natively (AMX or AVX-512 BF16); elsewhere bf16 is emulated and slow."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("amx_bf16", "avx512_bf16"))
+
+
+def select_device(preference: str = "auto") -> torch.device:
+    if preference == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(preference)
+    except RuntimeError as exc:
+        raise ConfigError(f"device {preference!r} is not a torch device (use auto, cpu, cuda or cuda:N)") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {preference!r} asked for, but CUDA is not available here; use --device cpu")
+    return device
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    precision: str  # resolved: fp32 | bf16 | fp16
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        dtype = self.autocast_dtype
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    @property
+    def channels_last(self) -> bool:
+        # NHWC is what cuDNN and oneDNN's fast convolutions want in reduced precision.
+        return self.precision != "fp32" or self.device.type == "cuda"
+
+
+def make_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    dev = select_device(device)
+    if precision == "auto":
+        if dev.type == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "bf16" if cpu_has_fast_bf16() else "fp32"
+    if precision == "fp16" and dev.type == "cpu":
+        raise ConfigError("fp16 is for CUDA; on a CPU use bf16 (with AMX/AVX-512) or fp32")
+    return Runtime(dev, precision)

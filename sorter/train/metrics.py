@@ -1,0 +1,90 @@
+"""Classification metrics as pure functions of (probabilities, labels).
+
+Calibration matters here, not only accuracy: the router sends an item to manual review when the
+model's confidence is below a threshold, and that threshold only means something if a confidence of
+0.9 is right about 90% of the time (expected calibration error, ECE, measures the gap).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ClassReport:
+    label: str
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    n: int
+    accuracy: float
+    macro_f1: float
+    ece: float
+    nll: float
+    per_class: list[ClassReport]
+    confusion: np.ndarray  # rows: true class, columns: predicted class
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "n": self.n,
+            "accuracy": self.accuracy,
+            "macro_f1": self.macro_f1,
+            "ece": self.ece,
+            "nll": self.nll,
+            "per_class": [asdict(c) for c in self.per_class],
+        }
+
+
+def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(cm, (labels, predicted), 1)
+    return cm
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
+    """Weighted mean |accuracy - confidence| over equal-width confidence bins."""
+    if confidence.size == 0:
+        return 0.0
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        in_bin = which == b
+        if in_bin.any():
+            ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+    return float(ece)
+
+
+def evaluate_predictions(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> Evaluation:
+    if probs.ndim != 2 or probs.shape[0] != labels.shape[0] or probs.shape[1] != len(classes):
+        raise ValueError(f"probs {probs.shape} do not match {labels.shape[0]} labels and {len(classes)} classes")
+    predicted = probs.argmax(axis=1)
+    cm = confusion_matrix(labels, predicted, len(classes))
+    tp = np.diag(cm).astype(float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(cm.sum(0) > 0, tp / cm.sum(0), 0.0)
+        recall = np.where(cm.sum(1) > 0, tp / cm.sum(1), 0.0)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    present = cm.sum(1) > 0  # macro-F1 over classes that occur in this set
+    n = int(labels.shape[0])
+    eps = 1e-12
+    return Evaluation(
+        n=n,
+        accuracy=float(tp.sum() / n) if n else 0.0,
+        macro_f1=float(f1[present].mean()) if present.any() else 0.0,
+        ece=expected_calibration_error(probs.max(axis=1), predicted == labels),
+        nll=float(-np.log(probs[np.arange(n), labels] + eps).mean()) if n else 0.0,
+        per_class=[
+            ClassReport(c, float(precision[i]), float(recall[i]), float(f1[i]), int(cm[i].sum()))
+            for i, c in enumerate(classes)
+        ],
+        confusion=cm,
+    )

@@ -1,0 +1,342 @@
+"""Two-phase transfer learning.
+
+Phase 1 ("head"): the pretrained backbone is frozen (weights *and* batch-norm statistics); only the
+attention head and the linear classifier learn, at a higher learning rate.
+Phase 2 ("fine-tune"): everything learns, the backbone at a lower rate than the head.
+
+Both phases: AdamW, cosine learning-rate schedule (with a short warm-up when fine-tuning), label
+smoothing, early stopping on validation accuracy, and the best epoch's weights kept. Mixed precision
+is chosen once (bf16 autocast on CPUs with native bf16, AMP on CUDA). Nothing here knows about the
+synthetic generator: any ImageFolder tree trains the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from sorter.data.folder import DecodedImages, Splits, fingerprint, load_splits, read_skus
+from sorter.logs import get_logger
+from sorter.model.backbones import IMAGENET_MEAN, IMAGENET_STD
+from sorter.model.checkpoint import ModelMeta, save_checkpoint
+from sorter.model.classifier import AttentionClassifier, build_classifier
+from sorter.model.preprocess import Normalizer
+from sorter.model.runtime import Runtime, make_runtime
+from sorter.progress import make_progress, progress_bar
+from sorter.train.augment import train_transform
+from sorter.train.calibrate import fit_temperature
+from sorter.train.evaluate import predict, predict_logits
+from sorter.train.metrics import Evaluation, evaluate_predictions
+from sorter.train.plots import plot_training_curves
+
+log = get_logger("sorter.train")
+
+
+@dataclass
+class TrainConfig:
+    backbone: str = "resnet18"
+    epochs: int = 10
+    head_epochs: int | None = None  # phase 1 length; default 40% of ``epochs`` (0 without pretraining)
+    image_size: int = 224
+    batch_size: int = 32
+    lr_head: float = 1e-3
+    lr_finetune: float = 1e-4  # backbone rate in phase 2; the head gets 3x
+    weight_decay: float = 0.01
+    label_smoothing: float = 0.1
+    patience: int = 3
+    val_fraction: float = 0.2
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    pretrained: bool = True
+    weights: Path | None = None
+    attention: bool = True
+    num_workers: int = 0
+    model_version: str | None = None
+
+    def phase_epochs(self) -> tuple[int, int]:
+        if self.epochs < 1:
+            raise ValueError("epochs must be at least 1")
+        if not self.pretrained:
+            head = 0  # a frozen random backbone teaches nothing: train everything from the start
+        elif self.head_epochs is not None:
+            head = min(self.head_epochs, self.epochs)
+        else:
+            head = max(1, round(self.epochs * 0.4))
+        return head, self.epochs - head
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    meta: ModelMeta
+    evaluation: Evaluation
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def freeze_backbone(model: AttentionClassifier, frozen: bool) -> None:
+    for p in model.backbone.parameters():
+        p.requires_grad_(not frozen)
+
+
+def set_train_mode(model: AttentionClassifier, *, backbone_frozen: bool) -> None:
+    model.train()
+    if backbone_frozen:
+        model.backbone.eval()  # keep ImageNet batch-norm statistics while the backbone is frozen
+
+
+def _cosine_with_warmup(optimizer: torch.optim.Optimizer, steps: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, splits: Splits, *, out: Path) -> None:
+        self.config = config
+        self.splits = splits
+        self.out = out
+        self.runtime: Runtime = make_runtime(config.device, config.precision)
+        self.generator = seed_everything(config.seed)
+        self.model, self.weights_source = build_classifier(
+            config.backbone,
+            len(splits.classes),
+            pretrained=config.pretrained,
+            weights=config.weights,
+            attention=config.attention,
+        )
+        self.model.to(self.runtime.device)
+        if self.runtime.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.normalizer = Normalizer(
+            IMAGENET_MEAN, IMAGENET_STD, self.runtime.device, channels_last=self.runtime.channels_last
+        )
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.runtime.precision == "fp16")
+        self.history: list[dict[str, Any]] = []
+
+    def _loaders(self) -> tuple[DataLoader, DataLoader]:
+        c = self.config
+        total = len(self.splits.train) + len(self.splits.val)
+        with progress_bar(total, "decoding images") as advance:
+            train = DecodedImages(
+                self.splits.train, c.image_size, transform=train_transform(c.image_size), progress=advance
+            )
+            val = DecodedImages(self.splits.val, c.image_size, progress=advance)
+        pin = self.runtime.device.type == "cuda"
+        kw = {"num_workers": c.num_workers, "pin_memory": pin, "persistent_workers": c.num_workers > 0}
+        return (
+            DataLoader(
+                train,
+                batch_size=c.batch_size,
+                shuffle=True,
+                drop_last=len(train) > c.batch_size,
+                generator=self.generator,
+                **kw,
+            ),
+            DataLoader(val, batch_size=c.batch_size * 2, **kw),
+        )
+
+    def _validate(self, loader: DataLoader) -> Evaluation:
+        probs, labels = predict(self.model, loader, self.runtime, self.normalizer)
+        return evaluate_predictions(probs, labels, self.splits.classes)
+
+    def _run_phase(
+        self, phase: int, epochs: int, train_loader: DataLoader, val_loader: DataLoader, best: dict[str, Any]
+    ) -> None:
+        c = self.config
+        frozen = phase == 1
+        freeze_backbone(self.model, frozen)
+        if frozen:
+            optimizer = torch.optim.AdamW(self.model.head_parameters(), lr=c.lr_head, weight_decay=c.weight_decay)
+            warmup = 0
+        else:
+            head_ids = {id(p) for p in self.model.head_parameters()}
+            optimizer = torch.optim.AdamW(
+                [
+                    {"params": list(self.model.backbone.parameters()), "lr": c.lr_finetune},
+                    {"params": [p for p in self.model.parameters() if id(p) in head_ids], "lr": c.lr_finetune * 3},
+                ],
+                weight_decay=c.weight_decay,
+            )
+            warmup = max(1, len(train_loader) // 2)
+        scheduler = _cosine_with_warmup(optimizer, epochs * len(train_loader), warmup)
+        stale = 0
+        name = "head" if frozen else "fine-tune"
+        with make_progress() as progress:
+            for local_epoch in range(epochs):
+                epoch = len(self.history) + 1
+                task = progress.add_task(
+                    f"phase {phase} ({name}) epoch {local_epoch + 1}/{epochs}", total=len(train_loader), info=""
+                )
+                set_train_mode(self.model, backbone_frozen=frozen)
+                started = time.perf_counter()
+                loss_sum, correct, seen = 0.0, 0, 0
+                for images, targets in train_loader:
+                    targets = targets.to(self.runtime.device, non_blocking=True)
+                    x = self.normalizer(images, nhwc=False)
+                    with self.runtime.autocast():
+                        logits = self.model(x)
+                    loss = self.criterion(logits.float(), targets)
+                    optimizer.zero_grad(set_to_none=True)
+                    self.scaler.scale(loss).backward()
+                    self.scaler.step(optimizer)
+                    self.scaler.update()
+                    scheduler.step()
+                    loss_sum += loss.item() * targets.shape[0]
+                    correct += int((logits.argmax(1) == targets).sum())
+                    seen += targets.shape[0]
+                    progress.update(task, advance=1, info=f"loss {loss_sum / seen:.3f}")
+                val = self._validate(val_loader)
+                record = {
+                    "epoch": epoch,
+                    "phase": phase,
+                    "train_loss": loss_sum / max(1, seen),
+                    "train_accuracy": correct / max(1, seen),
+                    "val_loss": val.nll,
+                    "val_accuracy": val.accuracy,
+                    "val_macro_f1": val.macro_f1,
+                    "val_ece": val.ece,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "seconds": time.perf_counter() - started,
+                }
+                self.history.append(record)
+                progress.update(task, info=f"loss {record['train_loss']:.3f} val acc {val.accuracy:.3f}")
+                log.info("train.epoch", **{k: round(v, 5) if isinstance(v, float) else v for k, v in record.items()})
+                if (val.accuracy, -val.nll) > (best["accuracy"], -best["nll"]):
+                    best.update(
+                        accuracy=val.accuracy, nll=val.nll, epoch=epoch, state=copy.deepcopy(self.model.state_dict())
+                    )
+                    stale = 0
+                else:
+                    stale += 1
+                    if stale >= c.patience:
+                        log.info("train.early_stop", phase=phase, epoch=epoch, best_epoch=best["epoch"])
+                        break
+
+    def fit(self) -> TrainResult:
+        c = self.config
+        started = time.perf_counter()
+        head_epochs, finetune_epochs = c.phase_epochs()
+        log.info(
+            "train.start",
+            backbone=c.backbone,
+            classes=len(self.splits.classes),
+            train_images=len(self.splits.train),
+            val_images=len(self.splits.val),
+            device=str(self.runtime.device),
+            precision=self.runtime.precision,
+            weights=self.weights_source.kind if self.weights_source else "random",
+            head_epochs=head_epochs,
+            finetune_epochs=finetune_epochs,
+        )
+        train_loader, val_loader = self._loaders()
+        best: dict[str, Any] = {"accuracy": -1.0, "nll": math.inf, "epoch": 0, "state": None}
+        if head_epochs:
+            self._run_phase(1, head_epochs, train_loader, val_loader, best)
+        if finetune_epochs:
+            self._run_phase(2, finetune_epochs, train_loader, val_loader, best)
+        self.model.load_state_dict(best["state"])
+        uncalibrated = self._validate(val_loader)
+        logits, labels = predict_logits(self.model, val_loader, self.runtime, self.normalizer)
+        temperature = fit_temperature(logits, labels)
+        self.model.temperature.fill_(temperature)
+        evaluation = self._validate(val_loader)
+        log.info(
+            "train.calibrated",
+            temperature=round(temperature, 4),
+            ece_before=round(uncalibrated.ece, 4),
+            ece_after=round(evaluation.ece, 4),
+        )
+        seconds = time.perf_counter() - started
+        meta = self._meta(evaluation, best["epoch"], seconds, uncalibrated.ece, temperature)
+        save_checkpoint(self.out, self.model, meta)
+        self._write_reports(meta, evaluation, seconds)
+        log.info(
+            "train.done",
+            checkpoint=str(self.out),
+            model_version=meta.model_version,
+            val_accuracy=round(evaluation.accuracy, 4),
+            val_macro_f1=round(evaluation.macro_f1, 4),
+            val_ece=round(evaluation.ece, 4),
+            best_epoch=best["epoch"],
+            seconds=round(seconds, 1),
+        )
+        return TrainResult(self.out, meta, evaluation, self.history, seconds)
+
+    def _meta(
+        self, evaluation: Evaluation, best_epoch: int, seconds: float, ece_uncalibrated: float, temperature: float
+    ) -> ModelMeta:
+        c = self.config
+        data_print = fingerprint(self.splits.root, self.splits.train + self.splits.val)
+        stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
+        config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(c).items()}
+        return ModelMeta(
+            backbone=c.backbone,
+            attention=c.attention,
+            classes=self.splits.classes,
+            skus=read_skus(self.splits.root, self.splits.classes),
+            image_size=c.image_size,
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            model_version=c.model_version or f"{c.backbone}-{stamp}-{data_print[:8]}",
+            data_fingerprint=data_print,
+            metrics={
+                "val_accuracy": evaluation.accuracy,
+                "val_macro_f1": evaluation.macro_f1,
+                "val_ece": evaluation.ece,
+                "val_ece_uncalibrated": ece_uncalibrated,
+                "temperature": temperature,
+                "val_nll": evaluation.nll,
+                "best_epoch": float(best_epoch),
+                "train_seconds": seconds,
+            },
+            train_config=config
+            | {
+                "weights_source": self.weights_source.kind if self.weights_source else "random",
+                "precision": self.runtime.precision,
+                "device": str(self.runtime.device),
+            },
+        )
+
+    def _write_reports(self, meta: ModelMeta, evaluation: Evaluation, seconds: float) -> None:
+        stem = self.out.with_suffix("")
+        report = {
+            "model_version": meta.model_version,
+            "classes": meta.classes,
+            "seconds": seconds,
+            "validation": evaluation.summary(),
+            "history": self.history,
+            "train_config": meta.train_config,
+        }
+        Path(f"{stem}.metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+        plot_training_curves(self.history, Path(f"{stem}.curves.png"))
+
+
+def train(data_dir: Path, out: Path, config: TrainConfig) -> TrainResult:
+    splits = load_splits(data_dir, config.val_fraction, config.seed)
+    return Trainer(config, splits, out=out).fit()

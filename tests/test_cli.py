@@ -1,0 +1,119 @@
+"""The command line end to end: synth -> train -> evaluate --json -> explain, and its error paths."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from sorter.cli import app
+
+runner = CliRunner()
+
+
+def _ok(args):
+    result = runner.invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.mark.slow
+def test_synth_train_evaluate_explain(tmp_path):
+    data, ckpt = tmp_path / "data", tmp_path / "m.pt"
+    _ok(
+        [
+            "synth",
+            str(data),
+            "--classes",
+            "3",
+            "--per-class",
+            "12",
+            "--val-per-class",
+            "6",
+            "--width",
+            "160",
+            "--height",
+            "120",
+            "--seed",
+            "3",
+        ]
+    )
+    assert sorted(p.name for p in (data / "val").iterdir()) == sorted(p.name for p in (data / "train").iterdir())
+    _ok(
+        [
+            "train",
+            str(data),
+            "--out",
+            str(ckpt),
+            "--backbone",
+            "mobilenet_v2",
+            "--epochs",
+            "2",
+            "--image-size",
+            "64",
+            "--device",
+            "cpu",
+        ]
+    )
+    result = _ok(["evaluate", str(data), "--checkpoint", str(ckpt), "--json", "--device", "cpu"])
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["n"] == 18  # the val/ split: 3 classes x 6
+    assert {"accuracy", "macro_f1", "ece", "n"} <= set(summary)
+    assert 0 <= summary["ece"] <= 1 and len(summary["per_class"]) == 3
+    assert (tmp_path / "m.confusion.png").stat().st_size > 5_000
+    photo = next((data / "val").glob("*/*.jpg"))
+    result = _ok(
+        [
+            "explain",
+            str(photo),
+            "--checkpoint",
+            str(ckpt),
+            "--out",
+            str(tmp_path / "x.png"),
+            "--top-k",
+            "2",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert (tmp_path / "x.png").stat().st_size > 10_000
+    assert "attention map" in result.stdout
+
+
+def test_bad_checkpoint_stops_with_a_message_and_exit_code_2(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"garbage")
+    (tmp_path / "img.jpg").write_bytes(b"x")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sorter",
+            "explain",
+            str(tmp_path / "img.jpg"),
+            "-c",
+            str(bad),
+            "-o",
+            str(tmp_path / "o.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "cannot be read safely" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_resnet18_without_offline_weights_explains_the_fix(tmp_path):
+    data = tmp_path / "d"
+    _ok(["synth", str(data), "--classes", "2", "--per-class", "2", "--width", "64", "--height", "48"])
+    proc = subprocess.run(
+        [sys.executable, "-m", "sorter", "train", str(data), "--out", str(tmp_path / "m.pt")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "--no-pretrained" in proc.stderr and "--weights" in proc.stderr

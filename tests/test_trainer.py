@@ -1,0 +1,52 @@
+import json
+
+import pytest
+import torch
+
+from sorter.data.folder import load_splits
+from sorter.model.checkpoint import load_checkpoint
+from sorter.train.trainer import TrainConfig, Trainer, train
+
+
+def _config(**kw) -> TrainConfig:
+    return TrainConfig(
+        **({"backbone": "mobilenet_v2", "image_size": 64, "batch_size": 16, "device": "cpu", "precision": "fp32"} | kw)
+    )
+
+
+def test_phase_one_changes_the_head_and_nothing_in_the_backbone(synth_tree, tmp_path):
+    trainer = Trainer(_config(epochs=1), load_splits(synth_tree), out=tmp_path / "m.pt")
+    backbone_before = {k: v.clone() for k, v in trainer.model.backbone.state_dict().items()}
+    head_before = trainer.model.head.weight.detach().clone()
+    attention_before = trainer.model.attention.score.weight.detach().clone()
+    train_loader, val_loader = trainer._loaders()
+    best = {"accuracy": -1.0, "nll": float("inf"), "epoch": 0, "state": None}
+    trainer._run_phase(1, 1, train_loader, val_loader, best)
+    for name, value in trainer.model.backbone.state_dict().items():  # weights and batch-norm statistics
+        assert torch.equal(value, backbone_before[name]), name
+    assert not torch.equal(trainer.model.head.weight, head_before)
+    assert not torch.equal(trainer.model.attention.score.weight, attention_before)
+
+
+def test_phase_split():
+    assert _config(epochs=10).phase_epochs() == (4, 6)
+    assert _config(epochs=1).phase_epochs() == (1, 0)
+    assert _config(epochs=5, head_epochs=2).phase_epochs() == (2, 3)
+    assert _config(epochs=5, pretrained=False).phase_epochs() == (0, 5)
+
+
+@pytest.mark.slow
+def test_short_training_run_beats_chance_and_writes_its_reports(synth_tree, tmp_path):
+    out = tmp_path / "model.pt"
+    result = train(synth_tree, out, _config(epochs=4, image_size=96, model_version="ci-1"))
+    assert result.evaluation.n == 40
+    assert result.evaluation.accuracy >= 0.75, result.history  # chance is 0.25 with 4 classes
+    _, meta = load_checkpoint(out)
+    assert meta.model_version == "ci-1" and meta.image_size == 96 and meta.backbone == "mobilenet_v2"
+    assert meta.skus[0].startswith("SKU-") and len(meta.data_fingerprint) == 64
+    assert meta.metrics["val_accuracy"] == pytest.approx(result.evaluation.accuracy)
+    assert meta.train_config["weights_source"] == "package"
+    report = json.loads((tmp_path / "model.metrics.json").read_text())
+    assert [h["epoch"] for h in report["history"]] == list(range(1, len(report["history"]) + 1))
+    assert {h["phase"] for h in report["history"]} == {1, 2}
+    assert (tmp_path / "model.curves.png").stat().st_size > 10_000
