@@ -179,7 +179,7 @@ def demo(
     if fresh:
         shutil.rmtree(demo_files().root, ignore_errors=True)
     files = ensure_demo_model(device=device)
-    evaluation, classes, root = evaluate_folder(files.test, files.checkpoint, device=device)
+    evaluation, classes, _ = evaluate_folder(files.test, files.checkpoint, device=device)
     confusion_png = files.root / "confusion.png"
     plot_confusion(evaluation.confusion, classes, confusion_png, title="demo model on unseen photos")
     photo = sorted(files.test.glob("*/*.jpg"))[0]
