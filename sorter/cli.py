@@ -194,6 +194,63 @@ def demo(
     )
 
 
+@app.command()
+def run(
+    config: Annotated[Path | None, typer.Option(help="YAML settings file (also SORTER_CONFIG)")] = None,
+    bootstrap_servers: Annotated[str | None, typer.Option(help="Kafka bootstrap servers")] = None,
+    redis_url: Annotated[str | None, typer.Option(help="redis://[:password@]host:port/db, rediss:// for TLS")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="model checkpoint")] = None,
+    routes: Annotated[Path | None, typer.Option(help="routing table (YAML or JSON)")] = None,
+    group_id: Annotated[str | None, typer.Option(help="consumer group")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N")] = None,
+    max_frames: Annotated[int | None, typer.Option(help="stop after this many frames (replays, tests)")] = None,
+    idle_exit: Annotated[float | None, typer.Option(help="stop after this many idle seconds")] = None,
+) -> None:
+    """Run the streaming worker: camera frames in, routing commands out."""
+    from sorter.settings import load_settings
+    from sorter.stream.app import build_worker
+
+    kafka = {k: v for k, v in {"bootstrap_servers": bootstrap_servers, "group_id": group_id}.items() if v}
+    settings = load_settings(
+        config,
+        kafka=kafka or None,
+        redis={"url": redis_url} if redis_url else None,
+        model={k: v for k, v in {"checkpoint": checkpoint, "device": device}.items() if v} or None,
+        routes=routes,
+    )
+    configure_logging(settings.log_level)
+    worker = build_worker(settings)
+    worker.install_signal_handlers()
+    worker.run(max_frames=max_frames, idle_exit_s=idle_exit)
+
+
+@app.command("dev-services")
+def dev_services() -> None:
+    """Start a local Kafka-compatible broker and Redis, print how to point `sorter run` at them; Ctrl-C stops."""
+    import signal as _signal
+    import threading
+
+    from sorter.services import redis_server, tansu_broker
+
+    broker, redis_ = tansu_broker().start(), redis_server().start()
+    out_console.print(
+        f"broker 127.0.0.1:{broker.port}  redis 127.0.0.1:{redis_.port}\n"
+        f"  export SORTER_KAFKA__BOOTSTRAP_SERVERS=127.0.0.1:{broker.port}\n"
+        f"  export SORTER_REDIS__URL=redis://127.0.0.1:{redis_.port}/0\n"
+        f"  sorter run --checkpoint MODEL.pt --routes ROUTES.yaml\n"
+        f"(memory only: everything is gone when this stops; Ctrl-C to stop)"
+    )
+    stop = threading.Event()
+    _signal.signal(_signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        broker.stop()
+        redis_.stop()
+
+
 def main() -> None:
     try:
         app()

@@ -32,4 +32,11 @@ class DatasetError(SorterError):
 
 
 class FrameDecodeError(SorterError):
-    """An image payload that cannot be turned into pixels (corrupt, too large, unknown format)."""
+    """An image payload that cannot be turned into pixels (corrupt, too large, unknown format).
+
+    ``reason`` is a stable code for dead-letter headers and metrics.
+    """
+
+    def __init__(self, message: str, reason: str = "undecodable") -> None:
+        super().__init__(message)
+        self.reason = reason

@@ -37,9 +37,11 @@ def image_size_from_header(data: bytes) -> tuple[int, int, str]:
             with Image.open(io.BytesIO(data)) as img:
                 return img.width, img.height, img.format or "unknown"
     except Image.DecompressionBombError as exc:
-        raise FrameDecodeError(f"image header claims too many pixels: {exc}") from exc
+        raise FrameDecodeError(f"image header claims too many pixels: {exc}", "too_many_pixels") from exc
     except Exception as exc:
-        raise FrameDecodeError(f"not a readable image ({len(data)} bytes): {type(exc).__name__}: {exc}") from exc
+        raise FrameDecodeError(
+            f"not a readable image ({len(data)} bytes): {type(exc).__name__}: {exc}", "unknown_format"
+        ) from exc
 
 
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None) -> np.ndarray:
@@ -50,17 +52,21 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side:
     decoded at 1/2, 1/4 or 1/8 scale (DCT scaling: faster, and the result is still >= ``min_side``).
     """
     if not data:
-        raise FrameDecodeError("empty payload (0 bytes)")
+        raise FrameDecodeError("empty payload (0 bytes)", "empty_payload")
     width, height, fmt = image_size_from_header(data)
     if width * height > max_pixels:
-        raise FrameDecodeError(f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
+        raise FrameDecodeError(
+            f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}", "too_many_pixels"
+        )
     factor = 1
     if min_side is not None and fmt == "JPEG":
         while factor < 8 and min(width, height) // (factor * 2) >= min_side:
             factor *= 2
     bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), _REDUCED_FLAGS[factor])
     if bgr is None:
-        raise FrameDecodeError(f"{fmt} image {width}x{height} could not be decoded (truncated or corrupt)")
+        raise FrameDecodeError(
+            f"{fmt} image {width}x{height} could not be decoded (truncated or corrupt)", "corrupt_image"
+        )
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 

@@ -1,0 +1,139 @@
+"""One typed settings tree (pydantic-settings): environment (``SORTER_`` prefix, nested with ``__``),
+an optional YAML file (``--config`` / ``SORTER_CONFIG``), then CLI flags, later ones winning.
+
+    SORTER_KAFKA__BOOTSTRAP_SERVERS=broker:9092
+    SORTER_KAFKA__CLIENT__SASL_MECHANISM=PLAIN        # any librdkafka property, passed through
+    SORTER_REDIS__URL=rediss://:password@redis:6380/0
+    SORTER_MODEL__CHECKPOINT=/models/model.pt
+    SORTER_ROUTES=/config/routes.yaml
+
+Secrets (the Redis URL, every pass-through client property) are ``SecretStr``: they never reach logs.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from sorter.errors import ConfigError
+
+
+class KafkaSettings(BaseModel):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    group_id: str = "sorter"
+    frames_pattern: str = Field(r"^frames\..+", description="regex of the camera-frame topics")
+    topic_prefix: str = Field("frames.", description="frames.<station>: where a missing station id comes from")
+    commands_topic: str = "sort.commands"
+    dlq_topic: str = "frames.dlq"
+    session_timeout_ms: int = Field(10_000, ge=1_000)
+    # A batch is processed between two polls: this bounds how long the model may take before the broker
+    # evicts the consumer. Batches are bounded in size, so one batch takes far less.
+    max_poll_interval_ms: int = Field(300_000, ge=10_000)
+    fetch_wait_max_ms: int = Field(50, ge=1, le=1_000)
+    metadata_refresh_ms: int = Field(5_000, ge=100, description="how soon a new station topic is seen")
+    client: dict[str, SecretStr] = Field(default_factory=dict, description="librdkafka properties, passed through")
+
+    @field_validator("frames_pattern")
+    @classmethod
+    def _regex(cls, value: str) -> str:
+        import re
+
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regex: {exc}") from exc
+        return value if value.startswith("^") else "^" + value  # librdkafka treats only ^... as a regex
+
+    def client_config(self) -> dict[str, str]:
+        return {k.replace("_", "."): v.get_secret_value() for k, v in self.client.items()}
+
+
+class RedisSettings(BaseModel):
+    url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    enabled: bool = True
+    ttl_s: int = Field(3_600, ge=1, description="how long an item's decision is remembered")
+    key_prefix: str = "sorter:decision:"
+    timeout_s: float = Field(0.25, gt=0)
+    retry_after_s: float = Field(2.0, gt=0, description="wait before trying Redis again after a failure")
+
+
+class BatchSettings(BaseModel):
+    max_size: int = Field(32, ge=1, le=1024)
+    max_wait_ms: int = Field(20, ge=0, le=10_000, description="deadline to fill a batch at low traffic")
+    decode_threads: int = Field(max(1, min(8, os.cpu_count() or 1)), ge=1)
+    max_pixels: int = Field(40_000_000, ge=1)
+    max_payload_bytes: int = Field(20_000_000, ge=1)
+
+
+class ModelSettings(BaseModel):
+    checkpoint: Path | None = None
+    device: str = "auto"
+    precision: str = "auto"
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SORTER_", env_nested_delimiter="__", extra="forbid")
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    batch: BatchSettings = Field(default_factory=BatchSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    routes: Path | None = None
+    worker_id: str = Field(default_factory=_default_worker_id)
+    shutdown_deadline_s: float = Field(20.0, gt=0, description="drain on SIGTERM within this; k8s grace period > it")
+    log_level: str = "info"
+
+    def redacted(self) -> dict[str, Any]:
+        """Settings as logged at start-up: secrets masked, pass-through client property names only."""
+        data = self.model_dump(mode="json")  # SecretStr dumps as '**********'
+        data["kafka"]["client"] = sorted(self.kafka.client)
+        return data
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """File < environment < explicit overrides (CLI flags). Invalid settings raise ConfigError naming the field."""
+    config_file = config_file or (Path(os.environ["SORTER_CONFIG"]) if os.environ.get("SORTER_CONFIG") else None)
+    file_data: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            file_data = yaml.safe_load(config_file.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"config file {config_file} cannot be read: {exc}") from exc
+        if not isinstance(file_data, dict):
+            raise ConfigError(f"config file {config_file} must hold a mapping of settings")
+    try:
+        from_env = Settings()
+        env_set = from_env.model_dump(exclude_unset=True)
+        explicit = {k: v for k, v in overrides.items() if v is not None}
+        merged = _merge(_merge(file_data, _secrets_revealed(env_set)), explicit)
+        return Settings.model_validate(merged) if merged else from_env
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(
+            f"invalid settings ({problems}). Environment variables are SORTER_<SECTION>__<FIELD>."
+        ) from exc
+
+
+def _secrets_revealed(data: Any) -> Any:
+    if isinstance(data, SecretStr):
+        return data.get_secret_value()
+    if isinstance(data, dict):
+        return {k: _secrets_revealed(v) for k, v in data.items()}
+    return data

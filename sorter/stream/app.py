@@ -1,0 +1,64 @@
+"""Assembly: settings -> model, routing table, cache, decoder, pipeline, worker. Nothing else."""
+
+from __future__ import annotations
+
+from sorter.errors import ConfigError
+from sorter.logs import get_logger
+from sorter.settings import Settings
+from sorter.stream.cache import DecisionCache, NoCache, RedisDecisionCache
+from sorter.stream.inference import Classifier
+from sorter.stream.kafka import ensure_topics
+from sorter.stream.pipeline import Decoder, Pipeline
+from sorter.stream.routing import load_routing_table
+from sorter.stream.worker import Worker
+
+log = get_logger("sorter.app")
+
+
+def build_cache(settings: Settings) -> DecisionCache:
+    r = settings.redis
+    if not r.enabled:
+        return NoCache()
+    return RedisDecisionCache(
+        r.url.get_secret_value(),
+        ttl_s=r.ttl_s,
+        key_prefix=r.key_prefix,
+        timeout_s=r.timeout_s,
+        retry_after_s=r.retry_after_s,
+    )
+
+
+def build_pipeline(settings: Settings) -> Pipeline:
+    """Everything that can be wrong in the configuration fails here, at start-up, with a message."""
+    if settings.routes is None:
+        raise ConfigError("no routing table: pass --routes FILE or set SORTER_ROUTES (see README, 'Routing table')")
+    routes = load_routing_table(settings.routes)
+    if settings.model.checkpoint is None:
+        raise ConfigError("no model: pass --checkpoint FILE or set SORTER_MODEL__CHECKPOINT")
+    model = Classifier(settings.model.checkpoint, device=settings.model.device, precision=settings.model.precision)
+    log.info(
+        "model.loaded",
+        model_version=model.model_version,
+        backbone=model.meta.backbone,
+        classes=model.meta.num_classes,
+        device=str(model.runtime.device),
+        precision=model.runtime.precision,
+    )
+    b = settings.batch
+    return Pipeline(
+        model,
+        routes,
+        build_cache(settings),
+        Decoder(b.decode_threads, b.max_pixels),
+        worker_id=settings.worker_id,
+        topic_prefix=settings.kafka.topic_prefix,
+        max_payload_bytes=b.max_payload_bytes,
+    )
+
+
+def build_worker(settings: Settings, *, create_topics: bool = True, **kwargs) -> Worker:
+    pipeline = build_pipeline(settings)
+    if create_topics:
+        ensure_topics(settings.kafka, {settings.kafka.commands_topic: 1, settings.kafka.dlq_topic: 1})
+    log.info("worker.config", settings=settings.redacted())
+    return Worker(settings, pipeline, **kwargs)

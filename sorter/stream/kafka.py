@@ -1,0 +1,154 @@
+"""A thin typed layer over confluent-kafka: client configs, message conversion, a producer that
+raises delivery failures instead of logging and forgetting them, topic creation."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from sorter.errors import SorterError
+from sorter.logs import get_logger
+from sorter.settings import KafkaSettings
+from sorter.stream.contracts import RawFrame, Source
+
+log = get_logger("sorter.kafka")
+
+
+class DeliveryError(SorterError):
+    """Messages the broker did not acknowledge; the batch must not be committed."""
+
+    def __init__(self, errors: list[KafkaError], fatal: bool) -> None:
+        first = errors[0] if errors else None
+        super().__init__(
+            f"{len(errors)} message(s) not delivered"
+            + (f": {first}" if first else "")
+            + (" (fatal producer error)" if fatal else "")
+        )
+        self.errors = errors
+        self.fatal = fatal
+
+
+def consumer_config(s: KafkaSettings) -> dict[str, object]:
+    return {
+        "bootstrap.servers": s.bootstrap_servers,
+        "group.id": s.group_id,
+        "enable.auto.commit": False,  # offsets are committed by the loop, after delivery
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "session.timeout.ms": s.session_timeout_ms,
+        "max.poll.interval.ms": s.max_poll_interval_ms,
+        "fetch.wait.max.ms": s.fetch_wait_max_ms,
+        "topic.metadata.refresh.interval.ms": s.metadata_refresh_ms,
+        **s.client_config(),
+    }
+
+
+def producer_config(s: KafkaSettings) -> dict[str, object]:
+    return {
+        "bootstrap.servers": s.bootstrap_servers,
+        "enable.idempotence": True,  # no duplicates from the producer's own retries
+        "acks": "all",
+        "linger.ms": 2,
+        "message.timeout.ms": 30_000,
+        **s.client_config(),
+    }
+
+
+def to_raw(message: Message) -> RawFrame:
+    ts_type, ts = message.timestamp()
+    headers = tuple((k, v) for k, v in (message.headers() or []))
+    return RawFrame(
+        Source(message.topic(), message.partition(), message.offset()),
+        message.key(),
+        message.value(),
+        headers,
+        ts if ts_type else None,
+    )
+
+
+class CheckedProducer:
+    """confluent-kafka Producer that collects delivery errors and raises them at ``flush``.
+
+    A fatal error (e.g. an idempotent producer the broker no longer knows after a restart) is reported
+    as such, so the caller can recreate the producer and re-send the batch.
+    """
+
+    def __init__(self, config: dict[str, object]) -> None:
+        self.config = config
+        self._errors: list[KafkaError] = []
+        self._fatal = False
+        self._lock = threading.Lock()
+        self._producer = Producer({**config, "error_cb": self._on_error})
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.fatal():
+            with self._lock:
+                self._fatal = True
+                self._errors.append(err)
+        log.warning("kafka.producer_error", error=str(err), fatal=err.fatal())
+
+    def _on_delivery(self, err: KafkaError | None, _msg: Message) -> None:
+        if err is not None:
+            with self._lock:
+                self._errors.append(err)
+                self._fatal = self._fatal or err.fatal()
+
+    def produce(
+        self, topic: str, value: bytes, key: bytes | None, headers: Sequence[tuple[str, bytes]] | None = None
+    ) -> None:
+        while True:
+            try:
+                self._producer.produce(
+                    topic, value=value, key=key, headers=list(headers or []), on_delivery=self._on_delivery
+                )
+                break
+            except BufferError:  # local queue full: serve delivery reports, then retry
+                self._producer.poll(0.1)
+            except KafkaException as exc:
+                err = exc.args[0]
+                with self._lock:
+                    self._errors.append(err)
+                    self._fatal = self._fatal or err.fatal()
+                raise DeliveryError(list(self._errors), self._fatal) from exc
+        self._producer.poll(0)
+
+    def flush(self, timeout: float) -> None:
+        remaining = self._producer.flush(timeout)
+        with self._lock:
+            errors, fatal = list(self._errors), self._fatal
+            self._errors.clear()
+        if remaining:
+            errors.append(
+                KafkaError(KafkaError._MSG_TIMED_OUT, f"{remaining} message(s) still queued after {timeout} s")
+            )
+        if errors:
+            raise DeliveryError(errors, fatal)
+
+    @property
+    def fatal(self) -> bool:
+        return self._fatal
+
+
+def admin_config(s: KafkaSettings) -> dict[str, object]:
+    return {"bootstrap.servers": s.bootstrap_servers, **s.client_config()}
+
+
+def ensure_topics(s: KafkaSettings, topics: dict[str, int], timeout: float = 10.0) -> None:
+    """Create the topics that do not exist yet (name -> partitions); existing ones are left alone."""
+    admin = AdminClient(admin_config(s))
+    existing = set(admin.list_topics(timeout=timeout).topics)
+    missing = [
+        NewTopic(name, num_partitions=n, replication_factor=1) for name, n in topics.items() if name not in existing
+    ]
+    if not missing:
+        return
+    for name, future in admin.create_topics(missing, operation_timeout=timeout).items():
+        try:
+            future.result(timeout)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise
+        log.info("kafka.topic_created", topic=name)

@@ -1,0 +1,251 @@
+"""The Kafka loop: consume a micro-batch, run the pipeline, deliver, remember, commit. Repeat.
+
+At-least-once, in numbered steps per batch:
+
+1. collect up to ``batch.max_size`` frames, waiting at most ``batch.max_wait_ms`` after the first;
+2. run the pipeline (decode, cache lookup, model, routing);
+3. produce routing commands (key = station) and dead letters, then flush: any delivery failure is
+   raised; a fatal producer error recreates the producer and re-sends the batch;
+4. store the batch's decisions in the cache (only now: a decision remembered before its command was
+   delivered could lose the command after a crash);
+5. commit ``offset + 1`` per partition, synchronously.
+
+A crash anywhere before step 5 re-delivers the batch: commands may repeat (actuators drop them by
+``item_id``), none is lost. Rebalances happen inside ``consume``, i.e. between batches, so nothing is
+in flight then; frames of a partition revoked while a batch was still being collected are dropped
+from it deliberately (the partition's new owner reads them again). SIGTERM/SIGINT only set a flag: the
+loop finishes the batch in hand, commits and closes, within ``shutdown_deadline_s``.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+
+from sorter.logs import get_logger
+from sorter.settings import Settings
+from sorter.stream.contracts import dead_letter_headers
+from sorter.stream.kafka import CheckedProducer, DeliveryError, consumer_config, producer_config, to_raw
+from sorter.stream.pipeline import BatchResult, Pipeline, now_ms
+
+log = get_logger("sorter.worker")
+
+
+@dataclass
+class WorkerStats:
+    batches: int = 0
+    frames: int = 0
+    commands: int = 0
+    dead_letters: Counter = field(default_factory=Counter)
+    cache_hits: int = 0
+    producer_restarts: int = 0
+    revoked_dropped: int = 0
+
+
+class Worker:
+    def __init__(
+        self, settings: Settings, pipeline: Pipeline, *, on_batch: Callable[[BatchResult], None] | None = None
+    ) -> None:
+        self.settings = settings
+        self.pipeline = pipeline
+        self.on_batch = on_batch
+        self.stop_event = threading.Event()
+        self.stats = WorkerStats()
+        self.assigned: set[tuple[str, int]] = set()
+        self._revoked: set[tuple[str, int]] = set()
+        self.last_progress = time.monotonic()
+        self.consumer = Consumer(consumer_config(settings.kafka) | {"error_cb": self._on_consumer_error})
+        self.producer = CheckedProducer(producer_config(settings.kafka))
+
+    # -- rebalance callbacks (run inside consume) ------------------------------------------------
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.assigned |= {(p.topic, p.partition) for p in partitions}
+        log.info("worker.assigned", partitions=sorted(f"{p.topic}[{p.partition}]" for p in partitions))
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        gone = {(p.topic, p.partition) for p in partitions}
+        self.assigned -= gone
+        self._revoked |= gone
+        log.info("worker.revoked", partitions=sorted(f"{t}[{p}]" for t, p in gone))
+
+    def _on_consumer_error(self, err: KafkaError) -> None:
+        log.warning("kafka.consumer_error", error=str(err), fatal=err.fatal())
+        if err.fatal():
+            self.stop_event.set()
+
+    # -- the loop ------------------------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        def handler(signum, _frame):
+            log.info("worker.stopping", signal=signal.Signals(signum).name)
+            self.stop_event.set()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def _collect(self) -> list[Message]:
+        b = self.settings.batch
+        messages: list[Message] = []
+        deadline = None
+        while len(messages) < b.max_size and not self.stop_event.is_set():
+            timeout = 0.1 if deadline is None else max(0.0, deadline - time.monotonic())
+            got = self.consumer.consume(b.max_size - len(messages), timeout)
+            for m in got:
+                err = m.error()
+                if err is None:
+                    messages.append(m)
+                elif err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("kafka.consume_error", error=str(err), topic=m.topic(), partition=m.partition())
+            if messages and deadline is None:
+                deadline = time.monotonic() + b.max_wait_ms / 1000
+            if deadline is None:
+                self.last_progress = time.monotonic()  # idle, but polling: alive
+                return messages  # nothing yet: let the caller check the stop flag
+            if time.monotonic() >= deadline:
+                break
+        return messages
+
+    def _deliver(self, result: BatchResult) -> None:
+        k = self.settings.kafka
+        for attempt in range(3):
+            try:
+                for c in result.commands:
+                    self.producer.produce(k.commands_topic, c.to_bytes(), c.station_id.encode())
+                for d in result.dead_letters:
+                    headers = dead_letter_headers(d.raw, d.reason, d.error, d.message, self.settings.worker_id)
+                    self.producer.produce(k.dlq_topic, d.raw.value or b"", d.raw.key, headers)
+                self.producer.flush(timeout=30)
+                return
+            except DeliveryError as exc:
+                if not exc.fatal or attempt == 2:
+                    raise
+                log.warning("worker.producer_recreated", error=str(exc), attempt=attempt + 1)
+                self.stats.producer_restarts += 1
+                self.producer = CheckedProducer(self.producer.config)
+
+    def _commit(self, messages: list[Message]) -> None:
+        last: dict[tuple[str, int], int] = {}
+        for m in messages:
+            key = (m.topic(), m.partition())
+            last[key] = max(last.get(key, -1), m.offset())
+        offsets = [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
+        try:
+            self.consumer.commit(offsets=offsets, asynchronous=False)
+        except Exception as exc:  # e.g. a rebalance took the partitions: they will be re-read, not lost
+            log.warning("worker.commit_failed", error=str(exc), partitions=len(offsets))
+
+    def process_once(self) -> int:
+        """Collect, process, deliver, remember, commit one batch; returns the frames handled."""
+        self._revoked.clear()
+        messages = self._collect()
+        if self._revoked:
+            kept = [m for m in messages if (m.topic(), m.partition()) not in self._revoked]
+            self.stats.revoked_dropped += len(messages) - len(kept)
+            if len(kept) != len(messages):
+                log.info("worker.revoked_dropped", frames=len(messages) - len(kept))
+            messages = kept
+        if not messages:
+            return 0
+        started = time.perf_counter()
+        result = self.pipeline.process([to_raw(m) for m in messages])
+        self._deliver(result)
+        delivered_ms = now_ms()
+        self.pipeline.cache.put_many(result.decisions)
+        self._commit(messages)
+        self._account(result, delivered_ms, time.perf_counter() - started)
+        self.last_progress = time.monotonic()
+        return len(messages)
+
+    def _account(self, result: BatchResult, delivered_ms: int, seconds: float) -> None:
+        s = self.stats
+        s.batches += 1
+        s.frames += result.frames
+        s.commands += len(result.commands)
+        s.cache_hits += result.cache_hits
+        for d in result.dead_letters:
+            s.dead_letters[d.reason] += 1
+            log.warning(
+                "frame.dead_lettered",
+                reason=d.reason,
+                error=d.error,
+                message=d.message[:300],
+                topic=d.raw.source.topic,
+                partition=d.raw.source.partition,
+                offset=d.raw.source.offset,
+            )
+        for c in result.commands:
+            latency = delivered_ms - c.captured_at if c.captured_at else None
+            log.info(
+                "item.routed",
+                item_id=c.item_id,
+                station_id=c.station_id,
+                sku=c.sku,
+                label=c.label,
+                confidence=c.confidence,
+                chute=c.chute,
+                reason=c.reason,
+                frames=c.frames,
+                latency_ms=latency,
+            )
+        log.info(
+            "batch.done",
+            frames=result.frames,
+            commands=len(result.commands),
+            dead_letters=len(result.dead_letters),
+            cache_hits=result.cache_hits,
+            classified=result.classified,
+            cache_up=self.pipeline.cache.available,
+            decode_ms=round(result.decode_s * 1000, 2),
+            infer_ms=round(result.infer_s * 1000, 2),
+            batch_ms=round(seconds * 1000, 2),
+        )
+        if self.on_batch is not None:
+            self.on_batch(result)
+
+    def run(self, *, max_frames: int | None = None, idle_exit_s: float | None = None) -> WorkerStats:
+        """Run until stopped (signal, ``stop_event``), ``max_frames`` handled, or idle for ``idle_exit_s``."""
+        k = self.settings.kafka
+        self.consumer.subscribe(
+            [k.frames_pattern], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke
+        )
+        log.info(
+            "worker.started",
+            worker_id=self.settings.worker_id,
+            pattern=k.frames_pattern,
+            group_id=k.group_id,
+            model_version=self.pipeline.model.model_version,
+        )
+        idle_since = time.monotonic()
+        try:
+            while not self.stop_event.is_set():
+                handled = self.process_once()
+                if handled:
+                    idle_since = time.monotonic()
+                elif idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
+                    break
+                if max_frames is not None and self.stats.frames >= max_frames:
+                    break
+        finally:
+            self.close()
+        return self.stats
+
+    def close(self) -> None:
+        deadline = self.settings.shutdown_deadline_s
+        try:
+            self.producer.flush(timeout=min(10.0, deadline))
+        except DeliveryError as exc:
+            log.error("worker.flush_failed_on_close", error=str(exc))
+        self.consumer.close()
+        log.info(
+            "worker.stopped",
+            batches=self.stats.batches,
+            frames=self.stats.frames,
+            commands=self.stats.commands,
+            cache_hits=self.stats.cache_hits,
+            dead_letters=dict(self.stats.dead_letters),
+        )

@@ -1,0 +1,72 @@
+"""Table tests of the routing policy (a pure function)."""
+
+import pytest
+
+from sorter.errors import ConfigError
+from sorter.stream.routing import RoutingTable, StationOverride, decide, load_routing_table
+
+TABLE = RoutingTable(
+    default_chute="C-99",
+    review_chute="REVIEW",
+    min_confidence=0.8,
+    routes={"SKU-1": "C-01", "bottle": "C-02", "SKU-3": "C-03", "can": "C-04"},
+    stations={
+        "dock-7": StationOverride(min_confidence=0.95, routes={"SKU-1": "C-71"}, review_chute="REVIEW-7"),
+        "dock-8": StationOverride(default_chute="C-88"),
+    },
+)
+
+
+@pytest.mark.parametrize(
+    "station, sku, label, confidence, chute, reason",
+    [
+        ("s1", "SKU-1", "box", 0.90, "C-01", "classified"),  # SKU route
+        ("s1", "SKU-9", "bottle", 0.90, "C-02", "classified"),  # label route when the SKU has none
+        ("s1", "SKU-3", "can", 0.90, "C-03", "classified"),  # a SKU match wins over a label match
+        ("s1", "SKU-9", "jar", 0.90, "C-99", "unknown_sku"),  # neither: default chute
+        ("s1", None, None, 0.90, "C-99", "unknown_sku"),
+        ("s1", "SKU-1", "box", 0.79, "REVIEW", "low_confidence"),  # below threshold
+        ("s1", "SKU-1", "box", 0.80, "C-01", "classified"),  # threshold is inclusive
+        ("dock-7", "SKU-1", "box", 0.96, "C-71", "station_override"),  # station route
+        ("dock-7", "SKU-1", "box", 0.90, "REVIEW-7", "low_confidence"),  # station threshold and review chute
+        ("dock-7", "SKU-9", "bottle", 0.99, "C-02", "classified"),  # falls back to global routes
+        ("dock-8", "SKU-9", "jar", 0.99, "C-88", "unknown_sku"),  # station default chute
+        ("dock-8", "SKU-1", "box", 0.5, "REVIEW", "low_confidence"),  # global threshold and review
+    ],
+)
+def test_decide(station, sku, label, confidence, chute, reason):
+    decision = decide(TABLE, station, sku, label, confidence)
+    assert (decision.chute, decision.reason) == (chute, reason)
+
+
+def test_load_yaml_and_json(tmp_path):
+    y = tmp_path / "routes.yaml"
+    y.write_text("default_chute: C-99\nreview_chute: R\nmin_confidence: 0.7\nroutes: {SKU-1: C-01}\n"
+                 "stations:\n  dock-1: {min_confidence: 0.9}\n")
+    table = load_routing_table(y)
+    assert table.routes == {"SKU-1": "C-01"} and table.stations["dock-1"].min_confidence == 0.9
+    j = tmp_path / "routes.json"
+    j.write_text('{"default_chute": "C-99", "review_chute": "R"}')
+    assert load_routing_table(j).min_confidence == 0.8
+
+
+@pytest.mark.parametrize(
+    "text, field",
+    [
+        ("review_chute: R\n", "default_chute"),
+        ("default_chute: C\nreview_chute: R\nmin_confidence: 1.5\n", "min_confidence"),
+        ("default_chute: C\nreview_chute: R\nstations: {d1: {min_confidnce: 0.5}}\n", "stations.d1.min_confidnce"),
+        ("default_chute: C\nreview_chute: R\nroutes: [a, b]\n", "routes"),
+        ("default_chute: [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_bad_tables_name_the_field(tmp_path, text, field):
+    path = tmp_path / "routes.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.").replace("[", r"\[")):
+        load_routing_table(path)
+
+
+def test_missing_table(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_routing_table(tmp_path / "nope.yaml")

@@ -1,0 +1,47 @@
+import pytest
+
+from sorter.errors import ConfigError
+from sorter.settings import load_settings
+
+
+def test_env_nested_and_file_and_overrides(tmp_path, monkeypatch):
+    cfg = tmp_path / "sorter.yaml"
+    cfg.write_text("kafka: {group_id: from-file, commands_topic: cmds}\nbatch: {max_size: 8}\n")
+    monkeypatch.setenv("SORTER_KAFKA__GROUP_ID", "from-env")
+    monkeypatch.setenv("SORTER_BATCH__MAX_WAIT_MS", "5")
+    monkeypatch.setenv("SORTER_KAFKA__CLIENT__SASL_PASSWORD", "hunter2")
+    s = load_settings(cfg, routes=tmp_path / "r.yaml")
+    assert s.kafka.group_id == "from-env"  # env beats file
+    assert s.kafka.commands_topic == "cmds" and s.batch.max_size == 8 and s.batch.max_wait_ms == 5
+    assert s.kafka.client_config() == {"sasl.password": "hunter2"}
+    assert s.routes == tmp_path / "r.yaml"
+    assert load_settings(cfg, kafka={"group_id": "flag"}).kafka.group_id == "flag"  # flags beat env
+
+
+def test_secrets_never_appear_in_the_logged_settings(monkeypatch):
+    monkeypatch.setenv("SORTER_REDIS__URL", "redis://:s3cret@redis:6379/0")
+    monkeypatch.setenv("SORTER_KAFKA__CLIENT__SASL_PASSWORD", "hunter2")
+    s = load_settings()
+    text = repr(s.redacted()) + repr(s)
+    assert "s3cret" not in text and "hunter2" not in text
+    assert s.redis.url.get_secret_value() == "redis://:s3cret@redis:6379/0"
+    assert s.redacted()["kafka"]["client"] == ["sasl_password"]
+
+
+@pytest.mark.parametrize(
+    "env, field",
+    [
+        ({"SORTER_BATCH__MAX_SIZE": "0"}, "batch.max_size"),
+        ({"SORTER_KAFKA__FRAMES_PATTERN": "frames.(("}, "kafka.frames_pattern"),
+        ({"SORTER_REDIS__TTL_S": "soon"}, "redis.ttl_s"),
+    ],
+)
+def test_invalid_settings_name_the_field(monkeypatch, env, field):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_settings()
+
+
+def test_pattern_is_anchored_for_librdkafka():
+    assert load_settings(kafka={"frames_pattern": r"cam\..+"}).kafka.frames_pattern == r"^cam\..+"
