@@ -10,8 +10,16 @@ def raw(headers=(), key=b"item-1", value=b"jpeg", topic="frames.dock-1"):
 
 
 def test_headers_give_the_ids():
-    f = parse_frame(raw([("item-id", b"it-9"), ("station-id", b"dock-3"), ("camera-id", b"cam-2"),
-                         ("captured-at", b"1795700000000")]))
+    f = parse_frame(
+        raw(
+            [
+                ("item-id", b"it-9"),
+                ("station-id", b"dock-3"),
+                ("camera-id", b"cam-2"),
+                ("captured-at", b"1795700000000"),
+            ]
+        )
+    )
     assert (f.item_id, f.station_id, f.camera_id, f.captured_at_ms) == ("it-9", "dock-3", "cam-2", 1795700000000)
 
 
@@ -49,5 +57,8 @@ def test_dead_letter_keeps_original_headers_and_says_why():
     assert headers["dlq-reason"] == b"corrupt_image"
     assert headers["dlq-error-class"] == b"FrameDecodeError"
     assert (headers["dlq-source-topic"], headers["dlq-source-partition"], headers["dlq-source-offset"]) == (
-        b"frames.dock-1", b"2", b"41")
+        b"frames.dock-1",
+        b"2",
+        b"41",
+    )
     assert headers["dlq-worker-id"] == b"w-1"

@@ -44,24 +44,35 @@ def frame(item, value, *, station="dock-1", offset=0, headers=()):
 
 @pytest.fixture
 def setup():
-    routes = RoutingTable(default_chute="C-99", review_chute="REVIEW", min_confidence=0.8,
-                          routes={"SKU-0": "C-00", "SKU-1": "C-01"})
+    routes = RoutingTable(
+        default_chute="C-99", review_chute="REVIEW", min_confidence=0.8, routes={"SKU-0": "C-00", "SKU-1": "C-01"}
+    )
     model, cache = FakeModel(), MemoryCache()
     decoder = Decoder(2, max_pixels=10_000)
-    pipeline = Pipeline(model, routes, cache, decoder, worker_id="w-1", max_payload_bytes=50_000,
-                        clock_ms=lambda: 1795700000123)
+    pipeline = Pipeline(
+        model, routes, cache, decoder, worker_id="w-1", max_payload_bytes=50_000, clock_ms=lambda: 1795700000123
+    )
     yield pipeline, model, cache
     decoder.close()
 
 
 def test_each_item_gets_one_command_with_its_chute(setup):
     pipeline, _, cache = setup
-    result = pipeline.process([frame("a", photo(0, 0.9), offset=1), frame("b", photo(1, 0.95), offset=2),
-                               frame("c", photo(2, 0.9), offset=3), frame("d", photo(0, 0.5), offset=4)])
+    result = pipeline.process(
+        [
+            frame("a", photo(0, 0.9), offset=1),
+            frame("b", photo(1, 0.95), offset=2),
+            frame("c", photo(2, 0.9), offset=3),
+            frame("d", photo(0, 0.5), offset=4),
+        ]
+    )
     by_item = {c.item_id: c for c in result.commands}
     assert {i: (c.chute, c.reason) for i, c in by_item.items()} == {
-        "a": ("C-00", "classified"), "b": ("C-01", "classified"), "c": ("C-99", "unknown_sku"),
-        "d": ("REVIEW", "low_confidence")}
+        "a": ("C-00", "classified"),
+        "b": ("C-01", "classified"),
+        "c": ("C-99", "unknown_sku"),
+        "d": ("REVIEW", "low_confidence"),
+    }
     a = by_item["a"]
     assert (a.station_id, a.sku, a.label, a.model_version, a.worker_id) == ("dock-1", "SKU-0", "box", "fake-1", "w-1")
     assert (a.captured_at, a.decided_at, a.source.offset, a.frames) == (1795700000000, 1795700000123, 1, 1)
@@ -71,8 +82,13 @@ def test_each_item_gets_one_command_with_its_chute(setup):
 
 def test_frames_of_one_item_in_a_batch_give_one_command_from_the_most_confident(setup):
     pipeline, _, _ = setup
-    result = pipeline.process([frame("a", photo(2, 0.85), offset=1), frame("a", photo(0, 0.97), offset=2),
-                               frame("a", photo(1, 0.6), offset=3)])
+    result = pipeline.process(
+        [
+            frame("a", photo(2, 0.85), offset=1),
+            frame("a", photo(0, 0.97), offset=2),
+            frame("a", photo(1, 0.6), offset=3),
+        ]
+    )
     (command,) = result.commands
     assert (command.label, command.chute, command.frames, command.source.offset) == ("box", "C-00", 3, 2)
 
@@ -89,20 +105,28 @@ def test_bad_frames_become_dead_letters_and_good_ones_still_flow(setup):
     pipeline, _, _ = setup
     jpeg = cv2.imencode(".jpg", np.random.default_rng(1).integers(0, 255, (48, 64, 3), dtype=np.uint8))[1].tobytes()
     bomb = cv2.imencode(".png", np.zeros((200, 200, 3), np.uint8))[1].tobytes()  # 40,000 px > limit of 10,000
-    result = pipeline.process([
-        frame("good-1", photo(0, 0.9)),
-        frame("trunc", jpeg[: len(jpeg) // 2]),
-        frame("zero", b""),
-        frame("noise", np.random.default_rng(0).bytes(3000)),
-        frame("bomb", bomb),
-        frame("huge", b"x" * 60_000),
-        frame("bad id!", photo(0, 0.9)),
-        frame("good-2", photo(1, 0.9), headers=(("captured-at", b"not-a-time"),)),
-        frame("good-3", photo(1, 0.9)),
-    ])
+    result = pipeline.process(
+        [
+            frame("good-1", photo(0, 0.9)),
+            frame("trunc", jpeg[: len(jpeg) // 2]),
+            frame("zero", b""),
+            frame("noise", np.random.default_rng(0).bytes(3000)),
+            frame("bomb", bomb),
+            frame("huge", b"x" * 60_000),
+            frame("bad id!", photo(0, 0.9)),
+            frame("good-2", photo(1, 0.9), headers=(("captured-at", b"not-a-time"),)),
+            frame("good-3", photo(1, 0.9)),
+        ]
+    )
     assert sorted(c.item_id for c in result.commands) == ["good-1", "good-3"]
     reasons = {d.raw.key.decode(): d.reason for d in result.dead_letters}
-    assert reasons == {"trunc": "corrupt_image", "zero": "empty_payload", "noise": "unknown_format",
-                       "bomb": "too_many_pixels", "huge": "payload_too_large", "bad id!": "bad_item_id",
-                       "good-2": "bad_captured_at"}
+    assert reasons == {
+        "trunc": "corrupt_image",
+        "zero": "empty_payload",
+        "noise": "unknown_format",
+        "bomb": "too_many_pixels",
+        "huge": "payload_too_large",
+        "bad id!": "bad_item_id",
+        "good-2": "bad_captured_at",
+    }
     assert all(d.message for d in result.dead_letters)

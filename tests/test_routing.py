@@ -41,8 +41,10 @@ def test_decide(station, sku, label, confidence, chute, reason):
 
 def test_load_yaml_and_json(tmp_path):
     y = tmp_path / "routes.yaml"
-    y.write_text("default_chute: C-99\nreview_chute: R\nmin_confidence: 0.7\nroutes: {SKU-1: C-01}\n"
-                 "stations:\n  dock-1: {min_confidence: 0.9}\n")
+    y.write_text(
+        "default_chute: C-99\nreview_chute: R\nmin_confidence: 0.7\nroutes: {SKU-1: C-01}\n"
+        "stations:\n  dock-1: {min_confidence: 0.9}\n"
+    )
     table = load_routing_table(y)
     assert table.routes == {"SKU-1": "C-01"} and table.stations["dock-1"].min_confidence == 0.9
     j = tmp_path / "routes.json"
