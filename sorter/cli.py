@@ -165,19 +165,32 @@ def explain(
 
 @app.command()
 def demo(
+    duration: Annotated[float, typer.Option(help="seconds to run; Ctrl-C stops earlier")] = 30.0,
+    stations: Annotated[int, typer.Option(help="simulated conveyor stations")] = 3,
+    rate: Annotated[float, typer.Option(help="items per second per station")] = 4.0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
     fresh: Annotated[bool, typer.Option(help="retrain the cached demo model")] = False,
 ) -> None:
-    """The embedded default: train (once, cached) and evaluate a model on synthetic conveyor photos."""
+    """The embedded default: local broker + Redis, simulated stations, the worker and a live view."""
     import shutil
 
-    from sorter.demo import demo_files, ensure_demo_model
+    from sorter.demo import demo_files, run_streaming_demo
+
+    if fresh:
+        shutil.rmtree(demo_files().root, ignore_errors=True)
+    run_streaming_demo(duration, stations, rate, device)
+
+
+@app.command("demo-model")
+def demo_model(
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+) -> None:
+    """Train (once, cached) and evaluate the demo model on unseen synthetic photos, with pictures."""
+    from sorter.demo import ensure_demo_model
     from sorter.train.evaluate import evaluate_folder
     from sorter.train.explain import explain_image
     from sorter.train.plots import plot_confusion
 
-    if fresh:
-        shutil.rmtree(demo_files().root, ignore_errors=True)
     files = ensure_demo_model(device=device)
     evaluation, classes, _ = evaluate_folder(files.test, files.checkpoint, device=device)
     confusion_png = files.root / "confusion.png"

@@ -54,3 +54,251 @@ def ensure_demo_model(root: Path | None = None, *, device: str = "auto") -> Demo
     config = TrainConfig(backbone="mobilenet_v2", epochs=6, image_size=128, device=device, model_version="demo-1")
     train(files.data, files.checkpoint, config)
     return files
+
+
+def write_demo_routes(path: Path, skus: list[str]) -> Path:
+    lines = [
+        "# demo routing table: one chute per SKU, a review chute for unsure decisions",
+        "default_chute: C-99",
+        "review_chute: REVIEW",
+        "min_confidence: 0.80",
+        "routes:",
+    ]
+    lines += [f"  {sku}: C-{i + 1:02d}" for i, sku in enumerate(skus)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class Stations:
+    """Simulated conveyor stations: each publishes photos of items to ``frames.<station>``.
+
+    One to two frames per item (a second camera now and then), ~1% corrupt frames to show the
+    dead-letter path, ``captured-at`` stamped at publish time.
+    """
+
+    def __init__(self, bootstrap: str, stations: list[str], rate: float, seed: int = 0) -> None:
+        import threading
+
+        from confluent_kafka import Producer
+
+        self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+        self.stations = stations
+        self.rate = rate
+        self.seed = seed
+        self.stop_event = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(s, i), daemon=True) for i, s in enumerate(stations)]
+        self.items_sent = 0
+
+    def start(self) -> Stations:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def _run(self, station: str, index: int) -> None:
+        import time
+
+        import numpy as np
+
+        from sorter.data.synth import catalog, render
+        from sorter.stream.pipeline import now_ms
+
+        rng = np.random.default_rng([self.seed, index])
+        designs = catalog(DEMO_CLASSES)
+        n = 0
+        while not self.stop_event.is_set():
+            started = time.monotonic()
+            design = designs[int(rng.integers(len(designs)))]
+            item = f"{station}-{n:06d}"
+            for camera in range(1 if rng.random() < 0.7 else 2):
+                photo = render(design, rng, size=DEMO_SIZE)
+                if rng.random() < 0.01:
+                    photo = photo[: len(photo) // 3]  # a corrupt frame: cut off mid-transfer
+                headers = {
+                    "item-id": item,
+                    "station-id": station,
+                    "camera-id": f"cam-{camera + 1}",
+                    "captured-at": str(now_ms()),
+                }
+                self.producer.produce(f"frames.{station}", value=photo, key=item.encode(), headers=headers)
+            self.producer.poll(0)
+            n += 1
+            self.items_sent += 1
+            self.stop_event.wait(max(0.0, rng.exponential(1 / self.rate) - (time.monotonic() - started)))
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        for t in self.threads:
+            t.join(5)
+        self.producer.flush(5)
+
+
+class LiveView:
+    """Reads what the actuators would read (commands) and the dead letters, and renders a summary."""
+
+    def __init__(self, bootstrap: str, commands_topic: str, dlq_topic: str) -> None:
+        import threading
+        from collections import Counter, deque
+
+        from confluent_kafka import Consumer
+
+        self.consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": "sorter-demo-view",
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+                "session.timeout.ms": 6000,
+                "fetch.wait.max.ms": 20,
+            }
+        )
+        self.consumer.subscribe([commands_topic, dlq_topic])
+        self.commands_topic = commands_topic
+        self.chutes: Counter = Counter()
+        self.reasons: Counter = Counter()
+        self.dead: Counter = Counter()
+        self.latencies: deque = deque(maxlen=2000)
+        self.recent: deque = deque(maxlen=8)
+        self.total = 0
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> LiveView:
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        import json
+
+        from sorter.stream.pipeline import now_ms
+
+        while not self.stop_event.is_set():
+            for m in self.consumer.consume(200, 0.2):
+                if m.error() is not None:
+                    continue
+                if m.topic() == self.commands_topic:
+                    c = json.loads(m.value())
+                    self.total += 1
+                    self.chutes[c["chute"]] += 1
+                    self.reasons[c["reason"]] += 1
+                    if c.get("captured_at"):
+                        self.latencies.append(now_ms() - c["captured_at"])
+                    self.recent.appendleft(c)
+                else:
+                    self.dead[dict(m.headers() or []).get("dlq-reason", b"?").decode()] += 1
+        self.consumer.close()
+
+    def render(self, elapsed: float, items_sent: int):
+        import numpy as np
+        from rich.console import Group
+        from rich.table import Table
+
+        lat = np.array(self.latencies) if self.latencies else np.array([0])
+        head = Table.grid(padding=(0, 3))
+        head.add_row(
+            f"[bold]{elapsed:5.1f} s[/]",
+            f"items sent {items_sent}",
+            f"routed {self.total}",
+            f"throughput {self.total / max(elapsed, 1e-9):.1f} items/s",
+            f"latency p50 {np.percentile(lat, 50):.0f} ms  p95 {np.percentile(lat, 95):.0f} ms",
+            f"dead letters {sum(self.dead.values())} {dict(self.dead) or ''}",
+        )
+        chutes = Table(title="commands by chute", title_justify="left")
+        chutes.add_column("chute")
+        chutes.add_column("items", justify="right")
+        for chute, n in sorted(self.chutes.items()):
+            chutes.add_row(chute, str(n))
+        recent = Table(title="latest routed items", title_justify="left")
+        for col in ("item", "station", "label", "confidence", "chute", "reason"):
+            recent.add_column(col)
+        for c in list(self.recent):
+            recent.add_row(
+                c["item_id"], c["station_id"], c["label"] or "-", f"{c['confidence']:.3f}", c["chute"], c["reason"]
+            )
+        grid = Table.grid(padding=(0, 4))
+        grid.add_row(chutes, recent)
+        return Group(head, grid)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.thread.join(5)
+
+
+def run_streaming_demo(duration: float, stations: int, rate: float, device: str = "auto") -> None:
+    """Broker + Redis + simulated stations + the worker + a live view, until ``duration`` or Ctrl-C."""
+    import json
+    import tempfile
+    import threading
+    import time
+
+    from rich.console import Console
+    from rich.live import Live
+
+    from sorter.logs import configure_logging
+    from sorter.services import redis_server, tansu_broker
+    from sorter.settings import load_settings
+    from sorter.stream.app import build_worker
+    from sorter.stream.kafka import ensure_topics
+
+    console = Console()
+    files = ensure_demo_model(device=device)
+    work = Path(tempfile.mkdtemp(prefix="sorter-demo-"))
+    console.print(f"starting a local broker and Redis (logs in {work})")
+    broker = tansu_broker(workdir=work).start()
+    redis_ = redis_server(workdir=work).start()
+    bootstrap = f"127.0.0.1:{broker.port}"
+    names = [f"dock-{i + 1}" for i in range(stations)]
+    skus = json.loads((files.data / "skus.json").read_text())
+    routes = write_demo_routes(work / "routes.yaml", list(skus.values()))
+    settings = load_settings(
+        kafka={
+            "bootstrap_servers": bootstrap,
+            "group_id": "sorter-demo",
+            "session_timeout_ms": 6000,
+            "fetch_wait_max_ms": 20,
+            "metadata_refresh_ms": 1000,
+        },
+        redis={"url": f"redis://127.0.0.1:{redis_.port}/0"},
+        model={"checkpoint": files.checkpoint, "device": device},
+        routes=routes,
+    )
+    log_file = (work / "worker.log").open("w")
+    configure_logging("info", stream=log_file)  # JSON logs to a file: the terminal shows the live view
+    view = simulator = worker = thread = None
+    try:
+        ensure_topics(
+            settings.kafka,
+            {f"frames.{s}": 2 for s in names} | {settings.kafka.commands_topic: 1, settings.kafka.dlq_topic: 1},
+        )
+        worker = build_worker(settings)
+        thread = threading.Thread(target=worker.run, daemon=True)
+        thread.start()
+        simulator = Stations(bootstrap, names, rate).start()
+        view = LiveView(bootstrap, settings.kafka.commands_topic, settings.kafka.dlq_topic).start()
+        started = time.monotonic()
+        with Live(view.render(0, 0), console=console, refresh_per_second=4) as live:
+            try:
+                while (elapsed := time.monotonic() - started) < duration and thread.is_alive():
+                    live.update(view.render(elapsed, simulator.items_sent))
+                    time.sleep(0.25)
+            except KeyboardInterrupt:
+                pass
+        console.print("stopping: stations, worker (drains and commits), view, broker, Redis")
+    finally:
+        for part in (simulator,):
+            if part is not None:
+                part.stop()
+        if worker is not None and thread is not None:
+            worker.stop_event.set()
+            thread.join(settings.shutdown_deadline_s)
+        if view is not None:
+            time.sleep(0.5)
+            view.stop()
+        broker.stop()
+        redis_.stop()
+        log_file.close()
+    if worker is not None:
+        s = worker.stats
+        console.print(
+            f"worker: {s.frames} frames, {s.commands} commands, {s.cache_hits} cache hits, "
+            f"dead letters {dict(s.dead_letters)}; JSON logs: {work / 'worker.log'}"
+        )

@@ -42,6 +42,7 @@ def consumer_config(s: KafkaSettings) -> dict[str, object]:
         "max.poll.interval.ms": s.max_poll_interval_ms,
         "fetch.wait.max.ms": s.fetch_wait_max_ms,
         "topic.metadata.refresh.interval.ms": s.metadata_refresh_ms,
+        "log.connection.close": False,  # idle-connection closes are routine, not news
         **s.client_config(),
     }
 
@@ -53,6 +54,7 @@ def producer_config(s: KafkaSettings) -> dict[str, object]:
         "acks": "all",
         "linger.ms": 2,
         "message.timeout.ms": 30_000,
+        "log.connection.close": False,
         **s.client_config(),
     }
 

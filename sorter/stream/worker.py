@@ -60,13 +60,23 @@ class Worker:
         self.assigned: set[tuple[str, int]] = set()
         self._revoked: set[tuple[str, int]] = set()
         self.last_progress = time.monotonic()
+        self.own_topics = {settings.kafka.commands_topic, settings.kafka.dlq_topic}
         self.consumer = Consumer(consumer_config(settings.kafka) | {"error_cb": self._on_consumer_error})
         self.producer = CheckedProducer(producer_config(settings.kafka))
 
     # -- rebalance callbacks (run inside consume) ------------------------------------------------
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self.assigned |= {(p.topic, p.partition) for p in partitions}
-        log.info("worker.assigned", partitions=sorted(f"{p.topic}[{p.partition}]" for p in partitions))
+        # The default pattern ^frames\..+ also matches the default dead-letter topic frames.dlq: the
+        # worker's own output topics are assigned but paused, never read (or it would loop on its DLQ).
+        consumer.assign(partitions)
+        own = [p for p in partitions if p.topic in self.own_topics]
+        if own:
+            consumer.pause(own)
+        self.assigned |= {(p.topic, p.partition) for p in partitions if p.topic not in self.own_topics}
+        log.info(
+            "worker.assigned",
+            partitions=sorted(f"{p.topic}[{p.partition}]" for p in partitions if p.topic not in self.own_topics),
+        )
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         gone = {(p.topic, p.partition) for p in partitions}
@@ -98,7 +108,8 @@ class Worker:
             for m in got:
                 err = m.error()
                 if err is None:
-                    messages.append(m)
+                    if m.topic() not in self.own_topics:  # paused on assignment; never processed
+                        messages.append(m)
                 elif err.code() != KafkaError._PARTITION_EOF:
                     log.warning("kafka.consume_error", error=str(err), topic=m.topic(), partition=m.partition())
             if messages and deadline is None:

@@ -140,6 +140,17 @@ def settings_for(bootstrap, redis_url, checkpoint, routes, namespace):
     return make
 
 
+def write_config(settings: Settings, path: Path) -> Path:
+    """The settings as a YAML file for a `sorter run --config` subprocess (secrets included: test-only)."""
+    import yaml
+
+    data = settings.model_dump(mode="json")
+    data["redis"]["url"] = settings.redis.url.get_secret_value()
+    data["kafka"]["client"] = settings.kafka.client_config()
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
 def produce(bootstrap: str, topic: str, frames: list[tuple[str, bytes, dict[str, str]]]) -> None:
     p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
     for key, value, headers in frames:

@@ -96,7 +96,8 @@ def test_repeated_frames_of_an_item_give_one_command_and_count_cache_hits(
 
 
 def test_corrupt_frames_go_to_the_dead_letter_topic_while_good_frames_flow(settings_for, namespace, bootstrap):
-    settings = settings_for()
+    # the default names: frames.dlq matches the frames pattern, and the worker must not read its own DLQ
+    settings = settings_for(kafka={"dlq_topic": f"{namespace}-frames.dlq"})
     topic = f"{namespace}-frames.dock-9"
     ensure_topics(settings.kafka, {topic: 1})
     good = photos(6, seed=3)
@@ -115,7 +116,9 @@ def test_corrupt_frames_go_to_the_dead_letter_topic_while_good_frames_flow(setti
     frames.append(("", good[1][1], {}))  # no key, no item-id header: unidentifiable
     produce(bootstrap, topic, frames)
     worker = build_worker(settings)
-    start(worker, max_frames=len(frames), idle_exit_s=30).join(90)
+    start(worker, idle_exit_s=6).join(90)
+    assert worker.stats.frames == len(frames)  # the dead letters themselves were not read back
+    assert sum(worker.stats.dead_letters.values()) == 4
 
     commands = consume_all(bootstrap, settings.kafka.commands_topic, expect=6)
     assert sorted(json.loads(m.value())["item_id"] for m in commands) == sorted(
