@@ -53,22 +53,41 @@ def main() -> None:
         for backbone in args.backbones:
             model, _ = build_classifier(backbone, 10, pretrained=False)
             ckpt = Path(tmp) / f"{backbone}.pt"
-            meta = ModelMeta(backbone=backbone, classes=[f"c{i}" for i in range(10)],
-                             skus=[f"s{i}" for i in range(10)], image_size=args.image_size, mean=IMAGENET_MEAN,
-                             std=IMAGENET_STD, model_version="bench")
+            meta = ModelMeta(
+                backbone=backbone,
+                classes=[f"c{i}" for i in range(10)],
+                skus=[f"s{i}" for i in range(10)],
+                image_size=args.image_size,
+                mean=IMAGENET_MEAN,
+                std=IMAGENET_STD,
+                model_version="bench",
+            )
             save_checkpoint(ckpt, model, meta)
             for precision in args.precisions:
                 classifier = Classifier(ckpt, device=args.device, precision=precision)
                 for batch in args.batches:
                     fps = measure(classifier, batch, args.repeats)
-                    row = {"backbone": backbone, "precision": classifier.runtime.precision,
-                           "channels_last": classifier.runtime.channels_last, "batch": batch,
-                           "images_per_s": round(fps, 1)}
+                    row = {
+                        "backbone": backbone,
+                        "precision": classifier.runtime.precision,
+                        "channels_last": classifier.runtime.channels_last,
+                        "batch": batch,
+                        "images_per_s": round(fps, 1),
+                    }
                     rows.append(row)
                     print(row, flush=True)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.device != "cpu" else "cpu"
-    print(json.dumps({"device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                      "image_size": args.image_size, "results": rows}))
+    print(
+        json.dumps(
+            {
+                "device": device,
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "image_size": args.image_size,
+                "results": rows,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":
