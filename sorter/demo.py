@@ -284,9 +284,8 @@ def run_streaming_demo(duration: float, stations: int, rate: float, device: str 
                 pass
         console.print("stopping: stations, worker (drains and commits), view, broker, Redis")
     finally:
-        for part in (simulator,):
-            if part is not None:
-                part.stop()
+        if simulator is not None:
+            simulator.stop()
         if worker is not None and thread is not None:
             worker.stop_event.set()
             thread.join(settings.shutdown_deadline_s)

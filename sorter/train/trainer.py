@@ -261,8 +261,8 @@ class Trainer:
         if finetune_epochs:
             self._run_phase(2, finetune_epochs, train_loader, val_loader, best)
         self.model.load_state_dict(best["state"])
-        uncalibrated = self._validate(val_loader)
         logits, labels = predict_logits(self.model, val_loader, self.runtime, self.normalizer)
+        uncalibrated = evaluate_predictions(torch.softmax(logits, dim=1).numpy(), labels.numpy(), self.splits.classes)
         temperature = fit_temperature(logits, labels)
         self.model.temperature.fill_(temperature)
         evaluation = self._validate(val_loader)
