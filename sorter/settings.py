@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sorter.errors import ConfigError
@@ -32,9 +32,9 @@ class KafkaSettings(BaseModel):
     commands_topic: str = "sort.commands"
     dlq_topic: str = "frames.dlq"
     session_timeout_ms: int = Field(10_000, ge=1_000)
-    # A batch is processed between two polls: this bounds how long the model may take before the broker
-    # evicts the consumer. Batches are bounded in size, so one batch takes far less.
-    max_poll_interval_ms: int = Field(300_000, ge=10_000)
+    # The broker evicts a consumer that does not poll for this long. A batch that runs longer than a
+    # third of it is finished while the loop keeps polling with its partitions paused (see worker.py).
+    max_poll_interval_ms: int = Field(300_000, ge=1_000)
     fetch_wait_max_ms: int = Field(50, ge=1, le=1_000)
     metadata_refresh_ms: int = Field(5_000, ge=100, description="how soon a new station topic is seen")
     client: dict[str, SecretStr] = Field(default_factory=dict, description="librdkafka properties, passed through")
@@ -49,6 +49,12 @@ class KafkaSettings(BaseModel):
         except re.error as exc:
             raise ValueError(f"not a valid regex: {exc}") from exc
         return value if value.startswith("^") else "^" + value  # librdkafka treats only ^... as a regex
+
+    @model_validator(mode="after")
+    def _poll_interval(self) -> KafkaSettings:
+        if self.max_poll_interval_ms < self.session_timeout_ms:
+            raise ValueError("max_poll_interval_ms must be >= session_timeout_ms (librdkafka refuses otherwise)")
+        return self
 
     def client_config(self) -> dict[str, str]:
         return {k.replace("_", "."): v.get_secret_value() for k, v in self.client.items()}

@@ -1,5 +1,7 @@
 """The batch logic with in-memory fakes at the seams (no broker, no Redis, no real model)."""
 
+from typing import ClassVar
+
 import cv2
 import numpy as np
 import pytest
@@ -130,3 +132,42 @@ def test_bad_frames_become_dead_letters_and_good_ones_still_flow(setup):
         "good-2": "bad_captured_at",
     }
     assert all(d.message for d in result.dead_letters)
+
+
+class FlakyProducer:
+    """Stands in for CheckedProducer: the first instance fails fatally at flush, later ones deliver."""
+
+    instances: ClassVar[list["FlakyProducer"]] = []
+
+    def __init__(self, config):
+        self.config = config
+        self.sent: list[tuple[str, bytes]] = []
+        FlakyProducer.instances.append(self)
+
+    def produce(self, topic, value, key, headers=None):
+        self.sent.append((topic, value))
+
+    def flush(self, timeout):
+        from confluent_kafka import KafkaError
+
+        from sorter.stream.kafka import DeliveryError
+
+        if self is FlakyProducer.instances[0]:
+            raise DeliveryError([KafkaError(KafkaError._FENCED, "producer fenced", fatal=True)], fatal=True)
+
+
+def test_a_fatal_producer_error_recreates_the_producer_and_resends_the_whole_batch(setup, monkeypatch):
+    """E.g. an idempotent producer the broker forgot after a restart: recreate, re-send, then commit."""
+    from sorter.settings import load_settings
+    from sorter.stream import worker as worker_module
+
+    pipeline, _, _ = setup
+    monkeypatch.setattr(worker_module, "CheckedProducer", FlakyProducer)
+    FlakyProducer.instances = []
+    w = worker_module.Worker(load_settings(kafka={"bootstrap_servers": "127.0.0.1:9"}), pipeline)
+    result = pipeline.process([frame("a", photo(0, 0.9)), frame("b", photo(1, 0.9), offset=1), frame("c", b"")])
+    w._deliver(result)
+    first, second = FlakyProducer.instances
+    assert len(second.sent) == len(first.sent) == 3  # 2 commands + 1 dead letter, all sent again
+    assert w.producer is second and w.stats.producer_restarts == 1
+    w.consumer.close()

@@ -3,18 +3,23 @@
 At-least-once, in numbered steps per batch:
 
 1. collect up to ``batch.max_size`` frames, waiting at most ``batch.max_wait_ms`` after the first;
-2. run the pipeline (decode, cache lookup, model, routing);
+2. run the pipeline (decode, cache lookup, model, routing) and steps 3-4 on a helper thread; if that
+   takes longer than a third of ``max.poll.interval.ms`` (a slow model, a stalled broker), this thread
+   pauses the assigned partitions and keeps polling until it is done, so the group does not evict the
+   consumer; anything a poll returns meanwhile is kept for the next batch, never skipped;
 3. produce routing commands (key = station) and dead letters, then flush: any delivery failure is
    raised; a fatal producer error recreates the producer and re-sends the batch;
 4. store the batch's decisions in the cache (only now: a decision remembered before its command was
    delivered could lose the command after a crash);
-5. commit ``offset + 1`` per partition, synchronously.
+5. commit ``offset + 1`` per partition still assigned, synchronously.
 
 A crash anywhere before step 5 re-delivers the batch: commands may repeat (actuators drop them by
-``item_id``), none is lost. Rebalances happen inside ``consume``, i.e. between batches, so nothing is
-in flight then; frames of a partition revoked while a batch was still being collected are dropped
-from it deliberately (the partition's new owner reads them again). SIGTERM/SIGINT only set a flag: the
-loop finishes the batch in hand, commits and closes, within ``shutdown_deadline_s``.
+``item_id``), none is lost. Rebalances happen inside ``consume``/``poll``: frames of a partition revoked
+while a batch was being collected are dropped from it deliberately (the partition's new owner reads
+them again); a partition revoked while its batch was being processed keeps its delivered commands but
+is not committed by this worker (its new owner re-reads from the last commit: duplicates, no loss).
+SIGTERM/SIGINT only set a flag: the loop finishes the batch in hand, commits and closes, within
+``shutdown_deadline_s``.
 """
 
 from __future__ import annotations
@@ -24,17 +29,21 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
 from sorter.logs import get_logger
 from sorter.settings import Settings
-from sorter.stream.contracts import dead_letter_headers
+from sorter.stream.contracts import RawFrame, dead_letter_headers
 from sorter.stream.kafka import CheckedProducer, DeliveryError, consumer_config, producer_config, to_raw
 from sorter.stream.pipeline import BatchResult, Pipeline, now_ms
 
 log = get_logger("sorter.worker")
+T = TypeVar("T")
 
 
 @dataclass
@@ -46,6 +55,7 @@ class WorkerStats:
     cache_hits: int = 0
     producer_restarts: int = 0
     revoked_dropped: int = 0
+    slow_batches: int = 0
 
 
 class Worker:
@@ -59,6 +69,8 @@ class Worker:
         self.stats = WorkerStats()
         self.assigned: set[tuple[str, int]] = set()
         self._revoked: set[tuple[str, int]] = set()
+        self._stash: list[Message] = []  # polled while a slow batch ran: first in the next batch
+        self._runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch")
         self.last_progress = time.monotonic()
         self.own_topics = {settings.kafka.commands_topic, settings.kafka.dlq_topic}
         self.consumer = Consumer(consumer_config(settings.kafka) | {"error_cb": self._on_consumer_error})
@@ -82,6 +94,7 @@ class Worker:
         gone = {(p.topic, p.partition) for p in partitions}
         self.assigned -= gone
         self._revoked |= gone
+        self._stash = [m for m in self._stash if (m.topic(), m.partition()) not in gone]
         log.info("worker.revoked", partitions=sorted(f"{t}[{p}]" for t, p in gone))
 
     def _on_consumer_error(self, err: KafkaError) -> None:
@@ -100,8 +113,8 @@ class Worker:
 
     def _collect(self) -> list[Message]:
         b = self.settings.batch
-        messages: list[Message] = []
-        deadline = None
+        messages, self._stash = self._stash, []
+        deadline = time.monotonic() + b.max_wait_ms / 1000 if messages else None
         while len(messages) < b.max_size and not self.stop_event.is_set():
             timeout = 0.1 if deadline is None else max(0.0, deadline - time.monotonic())
             got = self.consumer.consume(b.max_size - len(messages), timeout)
@@ -145,6 +158,8 @@ class Worker:
             key = (m.topic(), m.partition())
             last[key] = max(last.get(key, -1), m.offset())
         offsets = [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
+        if not offsets:
+            return
         try:
             self.consumer.commit(offsets=offsets, asynchronous=False)
         except Exception as exc:  # e.g. a rebalance took the partitions: they will be re-read, not lost
@@ -160,17 +175,44 @@ class Worker:
             if len(kept) != len(messages):
                 log.info("worker.revoked_dropped", frames=len(messages) - len(kept))
             messages = kept
+            self._revoked.clear()
         if not messages:
             return 0
         started = time.perf_counter()
-        result = self.pipeline.process([to_raw(m) for m in messages])
-        self._deliver(result)
-        delivered_ms = now_ms()
-        self.pipeline.cache.put_many(result.decisions)
-        self._commit(messages)
+        result, delivered_ms = self._while_polling(self._work, [to_raw(m) for m in messages])
+        # a partition revoked meanwhile belongs to another worker now: its offsets are not ours to commit
+        self._commit([m for m in messages if (m.topic(), m.partition()) not in self._revoked])
         self._account(result, delivered_ms, time.perf_counter() - started)
         self.last_progress = time.monotonic()
         return len(messages)
+
+    def _work(self, raws: list[RawFrame]) -> tuple[BatchResult, int]:
+        result = self.pipeline.process(raws)
+        self._deliver(result)
+        delivered_ms = now_ms()
+        self.pipeline.cache.put_many(result.decisions)
+        return result, delivered_ms
+
+    def _while_polling(self, fn: Callable[[list[RawFrame]], T], raws: list[RawFrame]) -> T:
+        """``fn(raws)`` on the helper thread; if it runs long, keep the group membership alive meanwhile."""
+        future = self._runner.submit(fn, raws)
+        patience = self.settings.kafka.max_poll_interval_ms / 3000
+        try:
+            return future.result(timeout=patience)
+        except FutureTimeout:
+            pass
+        # Pausing costs a re-fetch, so it happens only for a slow batch, never on the fast path.
+        self.stats.slow_batches += 1
+        log.warning("worker.slow_batch", frames=len(raws), waited_s=round(patience, 1))
+        self.consumer.pause(self.consumer.assignment())
+        try:
+            while not future.done():
+                m = self.consumer.poll(min(patience, 0.5))  # serves rebalances, proves liveness
+                if m is not None and m.error() is None and m.topic() not in self.own_topics:
+                    self._stash.append(m)
+            return future.result()
+        finally:
+            self.consumer.resume([p for p in self.consumer.assignment() if p.topic not in self.own_topics])
 
     def _account(self, result: BatchResult, delivered_ms: int, seconds: float) -> None:
         s = self.stats
@@ -252,6 +294,7 @@ class Worker:
         except DeliveryError as exc:
             log.error("worker.flush_failed_on_close", error=str(exc))
         self.consumer.close()
+        self._runner.shutdown(wait=False)
         log.info(
             "worker.stopped",
             batches=self.stats.batches,

@@ -173,3 +173,29 @@ def test_routing_continues_while_redis_is_down_and_the_cache_recovers(settings_f
     assert worker.pipeline.cache.available  # recovered
     r = redis.Redis.from_url(own_redis.url)
     assert all(r.get(f"{namespace}:{namespace}-c{i}") for i in range(4))
+
+
+def test_a_batch_slower_than_max_poll_interval_does_not_get_the_worker_evicted(settings_for, namespace, bootstrap):
+    """A model stalled for longer than max.poll.interval.ms: the loop keeps polling, nothing repeats."""
+    settings = settings_for(
+        kafka={"session_timeout_ms": 6000, "max_poll_interval_ms": 6000}, batch={"max_size": 4, "max_wait_ms": 5}
+    )
+    topic = f"{namespace}-frames.dock-1"
+    ensure_topics(settings.kafka, {topic: 1})
+    items = [f"{namespace}-{i}" for i in range(12)]
+    produce(bootstrap, topic, frames_for(items, photos(12, seed=2), "dock-1"))
+    worker = build_worker(settings)
+    process, stalled = worker.pipeline.process, []
+
+    def stall_once(raws):
+        if not stalled:
+            stalled.append(True)
+            time.sleep(9)  # 1.5x max.poll.interval.ms
+        return process(raws)
+
+    worker.pipeline.process = stall_once
+    start(worker, max_frames=12, idle_exit_s=30).join(120)
+    assert worker.stats.frames == 12 and worker.stats.slow_batches == 1
+    commands = consume_all(bootstrap, settings.kafka.commands_topic, expect=12)
+    assert sorted(json.loads(m.value())["item_id"] for m in commands) == sorted(items)  # each once
+    assert worker.stats.revoked_dropped == 0
