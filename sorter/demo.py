@@ -130,6 +130,7 @@ class Stations:
         for t in self.threads:
             t.join(5)
         self.producer.flush(5)
+        self.producer = None  # destroyed now, not retrying a stopped broker until garbage collection
 
 
 class LiveView:
@@ -169,7 +170,6 @@ class LiveView:
     def _run(self) -> None:
         import json
 
-        from sorter.stream.pipeline import now_ms
 
         while not self.stop_event.is_set():
             for m in self.consumer.consume(200, 0.2):
@@ -180,8 +180,9 @@ class LiveView:
                     self.total += 1
                     self.chutes[c["chute"]] += 1
                     self.reasons[c["reason"]] += 1
-                    if c.get("captured_at"):
-                        self.latencies.append(now_ms() - c["captured_at"])
+                    ts_type, produced_ms = m.timestamp()  # when the worker sent it, not when we read it
+                    if c.get("captured_at") and ts_type:
+                        self.latencies.append(produced_ms - c["captured_at"])
                     self.recent.appendleft(c)
                 else:
                     self.dead[dict(m.headers() or []).get("dlq-reason", b"?").decode()] += 1
@@ -272,6 +273,9 @@ def run_streaming_demo(duration: float, stations: int, rate: float, device: str 
         worker = build_worker(settings)
         thread = threading.Thread(target=worker.run, daemon=True)
         thread.start()
+        ready_by = time.monotonic() + 30
+        while not worker.assigned and thread.is_alive() and time.monotonic() < ready_by:
+            time.sleep(0.05)  # the stations start once the worker has joined its group
         simulator = Stations(bootstrap, names, rate).start()
         view = LiveView(bootstrap, settings.kafka.commands_topic, settings.kafka.dlq_topic).start()
         started = time.monotonic()

@@ -129,6 +129,10 @@ class CheckedProducer:
         if errors:
             raise DeliveryError(errors, fatal)
 
+    def close(self) -> None:
+        """Destroy the client now (flush first): no reconnect attempts linger after a stop."""
+        self._producer = None
+
     @property
     def fatal(self) -> bool:
         return self._fatal

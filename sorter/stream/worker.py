@@ -293,6 +293,7 @@ class Worker:
             self.producer.flush(timeout=min(10.0, deadline))
         except DeliveryError as exc:
             log.error("worker.flush_failed_on_close", error=str(exc))
+        self.producer.close()
         self.consumer.close()
         self._runner.shutdown(wait=False)
         log.info(
