@@ -264,6 +264,15 @@ def dev_services() -> None:
         redis_.stop()
 
 
+def _register_traffic() -> None:
+    from sorter.traffic.cli import register
+
+    register(app)
+
+
+_register_traffic()
+
+
 def main() -> None:
     try:
         app()

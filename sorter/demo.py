@@ -70,67 +70,39 @@ def write_demo_routes(path: Path, skus: list[str]) -> Path:
 
 
 class Stations:
-    """Simulated conveyor stations: each publishes photos of items to ``frames.<station>``.
-
-    One to two frames per item (a second camera now and then), ~1% corrupt frames to show the
-    dead-letter path, ``captured-at`` stamped at publish time.
-    """
+    """Simulated conveyor stations publishing to ``frames.<station>`` (see ``sorter.traffic.simulate``):
+    one or two cameras per item, ~1% corrupt frames to show the dead-letter path."""
 
     def __init__(self, bootstrap: str, stations: list[str], rate: float, seed: int = 0) -> None:
         import threading
 
-        from confluent_kafka import Producer
+        from sorter.traffic.simulate import Simulator
 
-        self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
-        self.stations = stations
-        self.rate = rate
-        self.seed = seed
+        self.sim = Simulator(
+            stations,
+            rate,
+            frames_per_item=(1, 2),
+            classes=DEMO_CLASSES,
+            size=DEMO_SIZE,
+            corrupt_fraction=0.01,
+            seed=seed,
+        )
         self.stop_event = threading.Event()
-        self.threads = [threading.Thread(target=self._run, args=(s, i), daemon=True) for i, s in enumerate(stations)]
-        self.items_sent = 0
+        self.thread = threading.Thread(
+            target=self.sim.publish, args=(bootstrap,), kwargs={"stop": self.stop_event}, daemon=True
+        )
+
+    @property
+    def items_sent(self) -> int:
+        return self.sim.items_sent
 
     def start(self) -> Stations:
-        for t in self.threads:
-            t.start()
+        self.thread.start()
         return self
-
-    def _run(self, station: str, index: int) -> None:
-        import time
-
-        import numpy as np
-
-        from sorter.data.synth import catalog, render
-        from sorter.stream.pipeline import now_ms
-
-        rng = np.random.default_rng([self.seed, index])
-        designs = catalog(DEMO_CLASSES)
-        n = 0
-        while not self.stop_event.is_set():
-            started = time.monotonic()
-            design = designs[int(rng.integers(len(designs)))]
-            item = f"{station}-{n:06d}"
-            for camera in range(1 if rng.random() < 0.7 else 2):
-                photo = render(design, rng, size=DEMO_SIZE)
-                if rng.random() < 0.01:
-                    photo = photo[: len(photo) // 3]  # a corrupt frame: cut off mid-transfer
-                headers = {
-                    "item-id": item,
-                    "station-id": station,
-                    "camera-id": f"cam-{camera + 1}",
-                    "captured-at": str(now_ms()),
-                }
-                self.producer.produce(f"frames.{station}", value=photo, key=item.encode(), headers=headers)
-            self.producer.poll(0)
-            n += 1
-            self.items_sent += 1
-            self.stop_event.wait(max(0.0, rng.exponential(1 / self.rate) - (time.monotonic() - started)))
 
     def stop(self) -> None:
         self.stop_event.set()
-        for t in self.threads:
-            t.join(5)
-        self.producer.flush(5)
-        self.producer = None  # destroyed now, not retrying a stopped broker until garbage collection
+        self.thread.join(35)
 
 
 class LiveView:
@@ -169,7 +141,6 @@ class LiveView:
 
     def _run(self) -> None:
         import json
-
 
         while not self.stop_event.is_set():
             for m in self.consumer.consume(200, 0.2):

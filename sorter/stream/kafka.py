@@ -99,12 +99,18 @@ class CheckedProducer:
                 self._fatal = self._fatal or err.fatal()
 
     def produce(
-        self, topic: str, value: bytes, key: bytes | None, headers: Sequence[tuple[str, bytes]] | None = None
+        self,
+        topic: str,
+        value: bytes,
+        key: bytes | None,
+        headers: Sequence[tuple[str, bytes | None]] | None = None,
+        partition: int | None = None,
     ) -> None:
+        extra = {} if partition is None else {"partition": partition}
         while True:
             try:
                 self._producer.produce(
-                    topic, value=value, key=key, headers=list(headers or []), on_delivery=self._on_delivery
+                    topic, value=value, key=key, headers=list(headers or []), on_delivery=self._on_delivery, **extra
                 )
                 break
             except BufferError:  # local queue full: serve delivery reports, then retry

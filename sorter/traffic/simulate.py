@@ -1,0 +1,161 @@
+"""``sorter simulate``: synthetic conveyor traffic from the synthetic product generator.
+
+Each station sends items about ``rate`` times a second: conveyors space items evenly, so gaps are the
+period with +-25% jitter (not Poisson bursts). Each item is photographed by ``frames_per_item``
+cameras (a range ``(lo, hi)`` draws the count per item), a few to tens of milliseconds apart. Item ids
+are ``<station>-<run>-<n>``, unique across runs (``run`` is random unless given), ``captured-at`` is
+the publish time. ``corrupt_fraction`` cuts that share of photos short, to exercise the dead-letter
+path. Output goes to a broker (real time) or straight into a recording (simulated time, no waiting).
+"""
+
+from __future__ import annotations
+
+import heapq
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from sorter.data.synth import ProductDesign, catalog, render
+from sorter.traffic.recording import Record, Writer
+
+
+@dataclass(frozen=True)
+class Photo:
+    topic: str
+    key: bytes
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...]  # without captured-at: stamped when sent
+    delay_s: float  # after the previous photo of this station
+    design: ProductDesign
+
+
+class Simulator:
+    def __init__(
+        self,
+        stations: list[str],
+        rate: float,
+        *,
+        frames_per_item: tuple[int, int] = (1, 1),
+        classes: int = 10,
+        size: tuple[int, int] = (640, 480),
+        corrupt_fraction: float = 0.0,
+        seed: int = 0,
+        topic_prefix: str = "frames.",
+        run_id: str | None = None,
+    ) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be > 0 items per second per station")
+        lo, hi = frames_per_item
+        if not 1 <= lo <= hi:
+            raise ValueError("frames per item must be a range 1 <= lo <= hi")
+        self.stations = stations
+        self.rate = rate
+        self.frames_per_item = (lo, hi)
+        self.designs = catalog(classes)
+        self.size = size
+        self.corrupt_fraction = corrupt_fraction
+        self.seed = seed
+        self.topic_prefix = topic_prefix
+        self.run_id = run_id or uuid.uuid4().hex[:6]
+        self.items_sent = 0
+        self.frames_sent = 0
+
+    def photos(self, index: int) -> Iterator[Photo]:
+        """Station ``index``'s endless stream of photos."""
+        station = self.stations[index]
+        rng = np.random.default_rng([self.seed, index])
+        period = 1 / self.rate
+        lo, hi = self.frames_per_item
+        n = 0
+        while True:
+            design = self.designs[int(rng.integers(len(self.designs)))]
+            item = f"{station}-{self.run_id}-{n:06d}"
+            cameras = int(rng.integers(lo, hi + 1))
+            for camera in range(cameras):
+                photo = render(design, rng, size=self.size)
+                if self.corrupt_fraction and rng.random() < self.corrupt_fraction:
+                    photo = photo[: len(photo) // 3]  # cut off mid-transfer
+                gap = (
+                    period * float(np.clip(rng.normal(1, 0.25), 0.75, 1.25))
+                    if camera == 0
+                    else rng.uniform(0.005, 0.04)
+                )
+                headers = (
+                    ("item-id", item.encode()),
+                    ("station-id", station.encode()),
+                    ("camera-id", f"cam-{camera + 1}".encode()),
+                )
+                yield Photo(f"{self.topic_prefix}{station}", item.encode(), photo, headers, gap, design)
+            n += 1
+
+    # -- to a broker, in real time ---------------------------------------------------------------
+    def publish(
+        self,
+        bootstrap: str,
+        *,
+        duration_s: float | None = None,
+        stop: threading.Event | None = None,
+        client_config: dict | None = None,
+    ) -> None:
+        """One thread per station until ``duration_s`` or ``stop``; returns when all are done."""
+        from confluent_kafka import Producer
+
+        stop = stop or threading.Event()
+        producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, **(client_config or {})})
+        lock = threading.Lock()
+        end = None if duration_s is None else time.monotonic() + duration_s
+
+        def run(index: int) -> None:
+            next_at = time.monotonic()
+            last_item = None
+            for photo in self.photos(index):
+                next_at += photo.delay_s
+                if stop.wait(max(0.0, next_at - time.monotonic())) or (end is not None and time.monotonic() >= end):
+                    return
+                headers = [*photo.headers, ("captured-at", str(time.time_ns() // 1_000_000).encode())]
+                producer.produce(photo.topic, value=photo.value, key=photo.key, headers=headers)
+                producer.poll(0)
+                with lock:
+                    self.frames_sent += 1
+                    if photo.key != last_item:
+                        self.items_sent += 1
+                last_item = photo.key
+
+        threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(self.stations))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        producer.flush(30)
+
+    # -- into a recording, in simulated time -----------------------------------------------------
+    def record(self, writer: Writer, *, duration_s: float, start_ms: int | None = None) -> None:
+        """Write ``duration_s`` of simulated traffic (all stations interleaved by time) without waiting."""
+        start_ms = start_ms if start_ms is not None else time.time_ns() // 1_000_000
+        streams = [self.photos(i) for i in range(len(self.stations))]
+        heap: list[tuple[float, int, Photo]] = []
+        for i, stream in enumerate(streams):
+            photo = next(stream)
+            heapq.heappush(heap, (photo.delay_s, i, photo))
+        offsets: dict[str, int] = {}
+        last_item: dict[int, bytes] = {}
+        while heap:
+            t, i, photo = heapq.heappop(heap)
+            if t >= duration_s:
+                continue
+            ts = start_ms + round(t * 1000)
+            offset = offsets.get(photo.topic, 0)
+            offsets[photo.topic] = offset + 1
+            headers = (*photo.headers, ("captured-at", str(ts).encode()))
+            writer.write(Record(photo.topic, 0, offset, ts, photo.key, headers, photo.value, ts))
+            self.frames_sent += 1
+            if last_item.get(i) != photo.key:
+                self.items_sent += 1
+                last_item[i] = photo.key
+            following = next(streams[i])
+            heapq.heappush(heap, (t + following.delay_s, i, following))
+        writer.close()

@@ -1,0 +1,146 @@
+"""Simulator, replay schedule, inspect and diff, without a broker."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import cv2
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from sorter.cli import app
+from sorter.traffic.diff import diff_commands, load_commands
+from sorter.traffic.recording import Reader, Record, Writer
+from sorter.traffic.replay import ReplayPlan, _renamed, parse_topic_map, scheduled, survey
+from sorter.traffic.simulate import Simulator
+from sorter.traffic.summary import summarize
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sim") / "sim.sorterrec"
+    sim = Simulator(["dock-1", "dock-2"], 5.0, frames_per_item=(2, 2), classes=4, size=(160, 120), run_id="r1")
+    sim.record(Writer(path), duration_s=3.0, start_ms=1_795_700_000_000)
+    return path, sim
+
+
+def test_the_simulator_writes_unique_items_with_k_frames_and_jittered_spacing(simulated):
+    path, sim = simulated
+    recs = list(Reader.open(path).records())
+    assert len(recs) == sim.frames_sent == 2 * sim.items_sent
+    per_item = Counter(r.header("item-id") for r in recs)
+    assert set(per_item.values()) == {2} and len(per_item) == sim.items_sent
+    assert all(item.startswith(("dock-1-r1-", "dock-2-r1-")) for item in per_item)
+    for r in recs:
+        assert r.header("station-id") == r.topic.removeprefix("frames.")
+        assert int(r.header("captured-at")) == r.timestamp_ms
+        assert r.header("camera-id") in ("cam-1", "cam-2") and r.value[:3] == b"\xff\xd8\xff"
+    firsts = [r.timestamp_ms for r in recs if r.topic == "frames.dock-1" and r.header("camera-id") == "cam-1"]
+    gaps = np.diff(firsts) / 1000
+    assert np.all((gaps >= 0.75 / 5 - 0.05) & (gaps <= 1.25 / 5 + 0.05)) and gaps.std() > 0.005  # spaced, not fixed
+    assert 12 <= sim.items_sent <= 34  # ~5 items/s x 2 stations x 3 s
+
+
+def test_inspect_reports_stations_items_span_and_extracts_decodable_images(simulated, tmp_path):
+    path, sim = simulated
+    s = summarize(Reader.open(path), extract_to=tmp_path / "frames", limit=5).as_dict()
+    assert s["records"] == sim.frames_sent and s["items"] == sim.items_sent and s["frames_per_item"] == 2
+    assert set(s["stations"]) == {"dock-1", "dock-2"} and 2.0 < s["span_s"] <= 3.0
+    assert s["damage"] is None and s["value_bytes"]["min"] > 1000
+    files = sorted((tmp_path / "frames").rglob("*.jpg"))
+    assert len(files) == 5
+    assert all(cv2.imread(str(f)) is not None for f in files)
+
+
+def test_the_schedule_scales_time_keeps_order_filters_stations_and_renames_loops(simulated):
+    path, _ = simulated
+    reader = Reader.open(path)
+    recs = list(reader.records())
+    info = survey(reader)
+    plan = ReplayPlan(speed=10.0, loops=2, stations=frozenset({"dock-2"}))
+    out = list(scheduled(reader, plan, info, allow_damaged=False))
+    mine = [r for r in recs if r.header("station-id") == "dock-2"]
+    assert [r for _, loop, r in out if loop == 0] == mine  # same records, same order
+    for due, _, r in out[: len(mine)]:
+        assert due == pytest.approx((r.timestamp_ms - info.first_ms) / 1000 / 10)
+    second = [due for due, loop, _ in out if loop == 1]
+    assert min(second) > max(due for due, loop, _ in out if loop == 0)  # loops back to back
+    renamed = _renamed(mine[0], 1, "staging.frames.dock-2", restamp_ms=123)
+    assert renamed.key == mine[0].key + b":r2" and renamed.header("item-id") == mine[0].header("item-id") + ":r2"
+    assert renamed.header("captured-at") == "123" and renamed.topic == "staging.frames.dock-2"
+
+
+def test_topic_map_and_plan_arguments_are_checked():
+    assert parse_topic_map(["frames.a=frames.b"]) == {"frames.a": "frames.b"}
+    assert ReplayPlan(topic_map={"a": "b"}, topic_prefix="staging.").topic("a") == "staging.b"
+    with pytest.raises(Exception, match="OLD=NEW"):
+        parse_topic_map(["nonsense"])
+    with pytest.raises(Exception, match="speed"):
+        ReplayPlan(speed=0)
+
+
+def command(item, chute, label="box", confidence=0.9, version="v1"):
+    return {
+        "item_id": item,
+        "station_id": "dock-1",
+        "chute": chute,
+        "label": label,
+        "confidence": confidence,
+        "reason": "classified",
+        "model_version": version,
+    }
+
+
+def test_diff_reports_agreement_changes_and_one_sided_items(tmp_path):
+    a = [command("i1", "C-1"), command("i2", "C-2"), command("i3", "C-3"), command("i3", "C-3"), command("i4", "C-4")]
+    b = [command("i1", "C-1", version="v2"), command("i2", "C-9", "can", 0.6, "v2"), command("i3", "C-3", version="v2")]
+    b.append(command("i5", "C-5", version="v2"))
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(c) + "\n" for c in a))
+    with Writer(tmp_path / "b.sorterrec") as w:  # a recording of a commands topic works as well
+        for i, c in enumerate(b):
+            w.write(Record("sort.commands", 0, i, None, b"dock-1", (), json.dumps(c).encode()))
+    ca, dup_a = load_commands(tmp_path / "a.jsonl")
+    cb, dup_b = load_commands(tmp_path / "b.sorterrec")
+    assert (dup_a, dup_b) == (1, 0)
+    d = diff_commands(ca, cb)
+    assert d.common == 3 and d.same_chute == 2 and d.chute_agreement == pytest.approx(2 / 3)
+    assert d.only_a == ["i4"] and d.only_b == ["i5"] and d.versions_b == ["v2"]
+    assert d.changed == [
+        {
+            "item_id": "i2",
+            "station_id": "dock-1",
+            "chute": ["C-2", "C-9"],
+            "label": ["box", "can"],
+            "confidence": [0.9, 0.6],
+            "reason": ["classified", "classified"],
+        }
+    ]
+    result = CliRunner().invoke(app, ["diff", str(tmp_path / "a.jsonl"), str(tmp_path / "b.sorterrec"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1])["changed"] == 1
+    failing = CliRunner().invoke(
+        app, ["diff", str(tmp_path / "a.jsonl"), str(tmp_path / "b.sorterrec"), "--fail-under", "0.9"]
+    )
+    assert failing.exit_code == 1
+
+
+def test_diff_refuses_a_file_that_holds_no_commands(tmp_path):
+    (tmp_path / "x.jsonl").write_text('{"item_id": "a"}\nnot json\n')
+    with pytest.raises(Exception, match=r"x.jsonl, line 2: not a routing command"):
+        load_commands(tmp_path / "x.jsonl")
+
+
+def test_inspect_on_a_damaged_recording_fails_with_where_unless_allowed(simulated, tmp_path):
+    path, _ = simulated
+    cut = tmp_path / "cut.sorterrec"
+    cut.write_bytes(path.read_bytes()[:-1000])
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "sorter", "inspect", str(cut)], capture_output=True, text=True)
+    assert run.returncode == 2 and "truncated record at byte" in run.stderr and "intact record(s)" in run.stderr
+    ok = CliRunner().invoke(app, ["inspect", str(cut), "--allow-damaged", "--json"])
+    assert ok.exit_code == 0
+    assert json.loads(ok.stdout.strip().splitlines()[-1])["intact_before_damage"] > 0
