@@ -53,14 +53,23 @@ def capture(
             "enable.auto.commit": False,
             "auto.offset.reset": start,
             "fetch.wait.max.ms": 50,
+            "session.timeout.ms": 6000,
             "topic.metadata.refresh.interval.ms": 2000,
             "log.connection.close": False,
             **(client_config or {}),
         }
     )
-    consumer.subscribe(topics)
     stats = CaptureStats()
-    started = last_message = time.monotonic()
+    started = time.monotonic()
+    last_message: float | None = None  # the idle clock starts once partitions are assigned
+
+    def on_assign(c, partitions) -> None:
+        nonlocal last_message
+        c.assign(partitions)
+        if last_message is None:
+            last_message = time.monotonic()
+
+    consumer.subscribe(topics, on_assign=on_assign)
     log.info("record.started", topics=topics, start=start, out=str(writer.path))
     with make_progress(transient=False) as bar:
         task = bar.add_task("recording", total=max_messages, info="") if progress else None
@@ -69,7 +78,7 @@ def capture(
                 now = time.monotonic()
                 if duration_s is not None and now - started >= duration_s:
                     break
-                if idle_exit_s is not None and now - last_message >= idle_exit_s:
+                if idle_exit_s is not None and last_message is not None and now - last_message >= idle_exit_s:
                     break
                 want = 500 if max_messages is None else min(500, max_messages - stats.records)
                 for m in consumer.consume(want, 0.2):
