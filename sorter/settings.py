@@ -83,6 +83,14 @@ class ModelSettings(BaseModel):
     precision: str = "auto"
 
 
+class ObserveSettings(BaseModel):
+    enabled: bool = True
+    host: str = "0.0.0.0"
+    port: int = Field(9400, ge=0, le=65535, description="/metrics, /livez, /readyz; 0 picks a free port")
+    liveness_timeout_s: float = Field(60.0, gt=0, description="/livez fails when the loop is stuck this long")
+    stats_interval_ms: int = Field(5_000, ge=100, description="librdkafka statistics: lag, broker state")
+
+
 def _default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
@@ -94,6 +102,7 @@ class Settings(BaseSettings):
     redis: RedisSettings = Field(default_factory=RedisSettings)
     batch: BatchSettings = Field(default_factory=BatchSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
+    observe: ObserveSettings = Field(default_factory=ObserveSettings)
     routes: Path | None = None
     worker_id: str = Field(default_factory=_default_worker_id)
     shutdown_deadline_s: float = Field(20.0, gt=0, description="drain on SIGTERM within this; k8s grace period > it")

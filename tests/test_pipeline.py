@@ -139,7 +139,7 @@ class FlakyProducer:
 
     instances: ClassVar[list["FlakyProducer"]] = []
 
-    def __init__(self, config):
+    def __init__(self, config, on_error=None):
         self.config = config
         self.sent: list[tuple[str, bytes]] = []
         FlakyProducer.instances.append(self)

@@ -61,4 +61,14 @@ def build_worker(settings: Settings, *, create_topics: bool = True, **kwargs) ->
     if create_topics:
         ensure_topics(settings.kafka, {settings.kafka.commands_topic: 1, settings.kafka.dlq_topic: 1})
     log.info("worker.config", settings=settings.redacted())
-    return Worker(settings, pipeline, **kwargs)
+    worker = Worker(settings, pipeline, **kwargs)
+    model = pipeline.model
+    worker.metrics.model_info.labels(
+        backbone=model.meta.backbone,
+        version=model.model_version,
+        classes=str(model.meta.num_classes),
+        image_size=str(model.input_size),
+        device=str(model.runtime.device),
+        precision=model.runtime.precision,
+    ).set(1)
+    return worker

@@ -4,7 +4,7 @@ raises delivery failures instead of logging and forgetting them, topic creation.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -78,14 +78,17 @@ class CheckedProducer:
     as such, so the caller can recreate the producer and re-send the batch.
     """
 
-    def __init__(self, config: dict[str, object]) -> None:
+    def __init__(self, config: dict[str, object], on_error: Callable[[KafkaError], None] | None = None) -> None:
         self.config = config
+        self.on_error = on_error
         self._errors: list[KafkaError] = []
         self._fatal = False
         self._lock = threading.Lock()
         self._producer = Producer({**config, "error_cb": self._on_error})
 
     def _on_error(self, err: KafkaError) -> None:
+        if self.on_error is not None:
+            self.on_error(err)
         if err.fatal():
             with self._lock:
                 self._fatal = True

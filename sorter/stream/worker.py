@@ -40,6 +40,7 @@ from sorter.logs import get_logger
 from sorter.settings import Settings
 from sorter.stream.contracts import RawFrame, dead_letter_headers
 from sorter.stream.kafka import CheckedProducer, DeliveryError, consumer_config, producer_config, to_raw
+from sorter.stream.observe import Health, Metrics, ObservabilityServer
 from sorter.stream.pipeline import BatchResult, Pipeline, now_ms
 
 log = get_logger("sorter.worker")
@@ -73,8 +74,23 @@ class Worker:
         self._runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch")
         self.last_progress = time.monotonic()
         self.own_topics = {settings.kafka.commands_topic, settings.kafka.dlq_topic}
-        self.consumer = Consumer(consumer_config(settings.kafka) | {"error_cb": self._on_consumer_error})
-        self.producer = CheckedProducer(producer_config(settings.kafka))
+        self.metrics = Metrics()
+        self.health = Health()
+        self.server: ObservabilityServer | None = None
+        self.consumer = Consumer(
+            consumer_config(settings.kafka)
+            | {
+                "error_cb": self._on_consumer_error,
+                "stats_cb": self.health.on_stats,
+                "statistics.interval.ms": settings.observe.stats_interval_ms,
+            }
+        )
+        self.producer = self._new_producer()
+
+    def _new_producer(self) -> CheckedProducer:
+        return CheckedProducer(
+            producer_config(self.settings.kafka), on_error=lambda _: self.metrics.kafka_errors.labels("producer").inc()
+        )
 
     # -- rebalance callbacks (run inside consume) ------------------------------------------------
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -98,6 +114,7 @@ class Worker:
         log.info("worker.revoked", partitions=sorted(f"{t}[{p}]" for t, p in gone))
 
     def _on_consumer_error(self, err: KafkaError) -> None:
+        self.metrics.kafka_errors.labels("consumer").inc()
         log.warning("kafka.consumer_error", error=str(err), fatal=err.fatal())
         if err.fatal():
             self.stop_event.set()
@@ -150,7 +167,7 @@ class Worker:
                     raise
                 log.warning("worker.producer_recreated", error=str(exc), attempt=attempt + 1)
                 self.stats.producer_restarts += 1
-                self.producer = CheckedProducer(self.producer.config)
+                self.producer = self._new_producer()
 
     def _commit(self, messages: list[Message]) -> None:
         last: dict[tuple[str, int], int] = {}
@@ -183,6 +200,9 @@ class Worker:
         # a partition revoked meanwhile belongs to another worker now: its offsets are not ours to commit
         self._commit([m for m in messages if (m.topic(), m.partition()) not in self._revoked])
         self._account(result, delivered_ms, time.perf_counter() - started)
+        self.metrics.observe_batch(
+            result, Counter(m.topic() for m in messages), delivered_ms, time.perf_counter() - started
+        )
         self.last_progress = time.monotonic()
         return len(messages)
 
@@ -273,6 +293,9 @@ class Worker:
             group_id=k.group_id,
             model_version=self.pipeline.model.model_version,
         )
+        o = self.settings.observe
+        if o.enabled and self.server is None:
+            self.server = ObservabilityServer(self, o.host, o.port, o.liveness_timeout_s).start()
         idle_since = time.monotonic()
         try:
             while not self.stop_event.is_set():
@@ -295,6 +318,9 @@ class Worker:
             log.error("worker.flush_failed_on_close", error=str(exc))
         self.producer.close()
         self.consumer.close()
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
         self._runner.shutdown(wait=False)
         log.info(
             "worker.stopped",

@@ -130,6 +130,7 @@ def settings_for(bootstrap, redis_url, checkpoint, routes, namespace):
             "redis": {"url": redis_url, "key_prefix": f"{namespace}:"},
             "model": {"checkpoint": checkpoint, "device": "cpu"},
             "batch": {"max_size": 16, "max_wait_ms": 20},
+            "observe": {"port": 0, "host": "127.0.0.1", "stats_interval_ms": 500},
             "routes": routes,
             "worker_id": f"{namespace}-worker",
         }

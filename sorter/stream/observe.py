@@ -1,0 +1,211 @@
+"""What ops watch: Prometheus metrics and the Kubernetes health endpoints, on one small HTTP server.
+
+- ``/metrics``: Prometheus text format (prometheus-client, one registry per worker);
+- ``/livez``: 200 while the loop makes progress: a batch finished, or an idle poll returned, within
+  ``liveness_timeout_s``. A batch stuck in the model longer than that is *not* live, even though the
+  consumer keeps its group membership meanwhile: a restart is the cure for a wedged model;
+- ``/readyz``: 200 when the model is loaded, partitions are assigned and a broker is reachable (from
+  librdkafka's statistics: at least one broker connection ``UP``). A pod that owns no partition is not
+  ready: it serves nothing. The body says which condition failed.
+
+Counters are updated once per batch by the worker (no per-frame locking); values that live elsewhere
+(consumer lag, Redis errors, partitions owned) are read when Prometheus scrapes.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from sorter.logs import get_logger
+
+if TYPE_CHECKING:
+    from sorter.stream.pipeline import BatchResult
+    from sorter.stream.worker import Worker
+
+log = get_logger("sorter.observe")
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10, 30)
+STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.frames = Counter("sorter_frames_consumed", "frames read from the frame topics", ["topic"], registry=r)
+        self.decoded = Counter("sorter_frames_decoded", "frames decoded and classified", registry=r)
+        self.dead = Counter(
+            "sorter_frames_dead_lettered", "frames sent to the dead-letter topic", ["reason"], registry=r
+        )
+        self.cache = Counter("sorter_cache_lookups", "decision-cache lookups by result", ["result"], registry=r)
+        self.commands = Counter("sorter_commands", "routing commands delivered", ["chute", "reason"], registry=r)
+        self.batches = Counter("sorter_batches", "batches processed", registry=r)
+        self.batch_size = Histogram("sorter_batch_size", "frames per batch", buckets=BATCH_BUCKETS, registry=r)
+        self.decode_s = Histogram("sorter_decode_seconds", "decode time per batch", buckets=STAGE_BUCKETS, registry=r)
+        self.infer_s = Histogram("sorter_inference_seconds", "model time per batch", buckets=STAGE_BUCKETS, registry=r)
+        self.batch_s = Histogram(
+            "sorter_batch_seconds", "batch time, consume to commit", buckets=STAGE_BUCKETS, registry=r
+        )
+        self.latency = Histogram(
+            "sorter_end_to_end_latency_seconds",
+            "captured-at to routing command delivered",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.kafka_errors = Counter("sorter_kafka_errors", "librdkafka errors reported", ["client"], registry=r)
+        self.model_info = Gauge(
+            "sorter_model_info",
+            "the loaded model (value 1)",
+            ["backbone", "version", "classes", "image_size", "device", "precision"],
+            registry=r,
+        )
+
+    def observe_batch(self, result: BatchResult, frames_by_topic: dict[str, int], delivered_ms: int, seconds: float):
+        for topic, n in frames_by_topic.items():
+            self.frames.labels(topic).inc(n)
+        self.batches.inc()
+        self.batch_size.observe(result.frames)
+        self.batch_s.observe(seconds)
+        if result.classified:
+            self.decoded.inc(result.classified)
+            self.infer_s.observe(result.infer_s)
+            self.decode_s.observe(result.decode_s)
+        looked_up = result.frames - len(result.dead_letters)
+        self.cache.labels("hit").inc(result.cache_hits)
+        self.cache.labels("miss").inc(max(0, looked_up - result.cache_hits))
+        for d in result.dead_letters:
+            self.dead.labels(d.reason).inc()
+        for c in result.commands:
+            self.commands.labels(c.chute, c.reason).inc()
+            if c.captured_at:
+                self.latency.observe(max(0.0, (delivered_ms - c.captured_at) / 1000))
+
+
+class WorkerCollector(Collector):
+    """Read at scrape time from the worker's own state."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+
+    def collect(self) -> Iterator:
+        w = self.worker
+        lag = GaugeMetricFamily(
+            "sorter_consumer_lag", "messages behind the partition end", labels=["topic", "partition"]
+        )
+        for (topic, partition), value in sorted(w.health.lag.items()):
+            lag.add_metric([topic, str(partition)], value)
+        yield lag
+        yield GaugeMetricFamily("sorter_partitions_assigned", "frame partitions owned", value=len(w.assigned))
+        yield GaugeMetricFamily(
+            "sorter_seconds_since_progress",
+            "since the loop last made progress",
+            value=time.monotonic() - w.last_progress,
+        )
+        yield GaugeMetricFamily("sorter_broker_up", "1 if a broker connection is up", value=float(w.health.broker_up))
+        yield GaugeMetricFamily("sorter_cache_up", "1 if Redis answers", value=float(w.pipeline.cache.available))
+        yield CounterMetricFamily(
+            "sorter_redis_errors", "Redis calls that failed", value=getattr(w.pipeline.cache, "errors", 0)
+        )
+        yield CounterMetricFamily("sorter_producer_restarts", "producers recreated", value=w.stats.producer_restarts)
+        yield CounterMetricFamily(
+            "sorter_slow_batches", "batches that needed the keep-alive", value=w.stats.slow_batches
+        )
+
+
+class Health:
+    """Broker reachability and lag from librdkafka statistics (``stats_cb``)."""
+
+    def __init__(self) -> None:
+        self.broker_up = False
+        self.seen_stats = False
+        self.lag: dict[tuple[str, int], int] = {}
+
+    def on_stats(self, raw: str) -> None:
+        try:
+            stats = json.loads(raw)
+        except ValueError:
+            return
+        self.seen_stats = True
+        brokers = stats.get("brokers", {}).values()
+        self.broker_up = any(b.get("state") == "UP" and b.get("nodeid", -1) >= 0 for b in brokers)
+        lag = {}
+        for topic, t in stats.get("topics", {}).items():
+            for pid, p in t.get("partitions", {}).items():
+                if pid == "-1" or p.get("consumer_lag", -1) < 0:
+                    continue
+                lag[(topic, int(pid))] = p["consumer_lag"]
+        self.lag = lag
+
+
+def readiness(worker: Worker) -> list[str]:
+    """What keeps the worker from being ready (empty: ready)."""
+    problems = []
+    if not worker.assigned:
+        problems.append("no partitions assigned")
+    if not worker.health.broker_up:
+        problems.append("no broker reachable" if worker.health.seen_stats else "no broker statistics yet")
+    if worker.stop_event.is_set():
+        problems.append("stopping")
+    return problems
+
+
+def liveness(worker: Worker, timeout_s: float) -> list[str]:
+    stalled = time.monotonic() - worker.last_progress
+    return [f"no progress for {stalled:.1f} s (limit {timeout_s} s)"] if stalled > timeout_s else []
+
+
+class ObservabilityServer:
+    """``/metrics``, ``/livez``, ``/readyz`` on ``host:port`` in a daemon thread."""
+
+    def __init__(self, worker: Worker, host: str, port: int, liveness_timeout_s: float) -> None:
+        registry = worker.metrics.registry
+        registry.register(WorkerCollector(worker))
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = self.path.split("?")[0]
+                if path == "/metrics":
+                    self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+                elif path in ("/livez", "/healthz"):
+                    self._verdict(liveness(worker, liveness_timeout_s))
+                elif path == "/readyz":
+                    self._verdict(readiness(worker))
+                else:
+                    self._send(404, b"not found: /metrics, /livez, /readyz\n", "text/plain")
+
+            def _verdict(self, problems: list[str]) -> None:
+                body = ("ok\n" if not problems else "; ".join(problems) + "\n").encode()
+                self._send(503 if problems else 200, body, "text/plain; charset=utf-8")
+
+            def _send(self, status: int, body: bytes, content_type: str) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:  # probes every few seconds: not news
+                pass
+
+        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="observe", daemon=True)
+
+    def start(self) -> ObservabilityServer:
+        self.thread.start()
+        log.info("observe.listening", port=self.port, paths=["/metrics", "/livez", "/readyz"])
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
