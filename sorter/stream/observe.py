@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 log = get_logger("sorter.observe")
 
+METRICS_PATH, LIVENESS_PATH, READINESS_PATH = "/metrics", "/livez", "/readyz"
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10, 30)
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -174,11 +175,11 @@ class ObservabilityServer:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 path = self.path.split("?")[0]
-                if path == "/metrics":
+                if path == METRICS_PATH:
                     self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
-                elif path in ("/livez", "/healthz"):
+                elif path in (LIVENESS_PATH, "/healthz"):
                     self._verdict(liveness(worker, liveness_timeout_s))
-                elif path == "/readyz":
+                elif path == READINESS_PATH:
                     self._verdict(readiness(worker))
                 else:
                     self._send(404, b"not found: /metrics, /livez, /readyz\n", "text/plain")

@@ -59,6 +59,12 @@ class WorkerStats:
     slow_batches: int = 0
 
 
+def _best_effort_id(raw: RawFrame, header: str, fallback: bytes | None) -> str | None:
+    """An id for the log line of a frame that broke the contract (so ops can grep it), never raising."""
+    value = next((v for k, v in reversed(raw.headers) if k == header and v), None) or fallback
+    return value.decode("utf-8", "replace")[:128] if value else None
+
+
 class Worker:
     def __init__(
         self, settings: Settings, pipeline: Pipeline, *, on_batch: Callable[[BatchResult], None] | None = None
@@ -244,6 +250,8 @@ class Worker:
             s.dead_letters[d.reason] += 1
             log.warning(
                 "frame.dead_lettered",
+                item_id=_best_effort_id(d.raw, "item-id", d.raw.key),
+                station_id=_best_effort_id(d.raw, "station-id", None),
                 reason=d.reason,
                 error=d.error,
                 message=d.message[:300],

@@ -180,6 +180,7 @@ def simulate(
     seed: Annotated[int, typer.Option()] = 0,
     run_id: Annotated[str | None, typer.Option(help="item-id infix (default random: ids unique per run)")] = None,
     topic_prefix: Annotated[str, typer.Option(help="frames topic prefix")] = "frames.",
+    partitions: Annotated[int, typer.Option(help="partitions of the station topics it creates")] = 1,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="write a recording instead of publishing")] = None,
     bootstrap_servers: BootstrapOpt = None,
     config: ConfigOpt = None,
@@ -212,7 +213,7 @@ def simulate(
         from sorter.traffic.capture import stop_on_signals
 
         bootstrap, client, settings = _kafka(config, bootstrap_servers)
-        ensure_topics(settings.kafka, {f"{topic_prefix}{s}": 1 for s in sim.stations})
+        ensure_topics(settings.kafka, {f"{topic_prefix}{s}": partitions for s in sim.stations})
         stop = threading.Event()
         stop_on_signals(stop)
         err_console.print(

@@ -1,0 +1,235 @@
+"""Kubernetes manifests and container files, checked offline.
+
+The overlays are rendered with ``kustomize`` (or ``kubectl kustomize``) when one is installed; CI has
+neither, so :func:`render` applies the subset of Kustomize the manifests use (resources, namespace,
+labels, images, strategic-merge patches of named list items). Every object is then validated against
+the Kubernetes schemas shipped with ``kubernetes-validate`` (strict: unknown fields fail) or, for the
+custom resources, the trimmed schemas in ``deploy/schemas``; and the values that must agree with the
+worker (probe paths and port, drain deadline, group id, settings names) are checked against the code.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from sorter.settings import Settings, load_settings
+from sorter.stream.observe import LIVENESS_PATH, METRICS_PATH, READINESS_PATH
+from sorter.stream.routing import load_routing_table
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+K8S_VERSION = "1.30.0"  # the oldest minor still in upstream support when this was written
+CUSTOM = {"ServiceMonitor", "ScaledObject", "TriggerAuthentication"}
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
+MERGE_KEYS = {"containers": "name", "env": "name", "volumes": "name", "volumeMounts": "mountPath", "ports": "name"}
+
+
+def _merge(base, patch, key: str | None = None):
+    if isinstance(base, dict) and isinstance(patch, dict):
+        out = dict(base)
+        for k, v in patch.items():
+            out[k] = _merge(base[k], v, k) if k in base else copy.deepcopy(v)
+        return out
+    if isinstance(base, list) and isinstance(patch, list) and key in MERGE_KEYS:
+        by = MERGE_KEYS[key]
+        out = [copy.deepcopy(x) for x in base]
+        for item in patch:
+            match = next((i for i, x in enumerate(out) if x.get(by) == item.get(by)), None)
+            if match is None:
+                out.append(copy.deepcopy(item))
+            else:
+                out[match] = _merge(out[match], item)
+        return out
+    return copy.deepcopy(patch)
+
+
+def render_subset(folder: Path) -> list[dict]:
+    k = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    objects: list[dict] = []
+    for resource in k.get("resources", []):
+        path = folder / resource
+        if path.is_dir():
+            objects += render_subset(path)
+        else:
+            objects += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    for patch in k.get("patches", []):
+        doc = yaml.safe_load((folder / patch["path"]).read_text())
+        i = next(
+            i
+            for i, o in enumerate(objects)
+            if o["kind"] == doc["kind"] and o["metadata"]["name"] == doc["metadata"]["name"]
+        )
+        objects[i] = _merge(objects[i], doc)
+    for image in k.get("images", []):
+        for o in objects:
+            for c in o.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+                if c["image"].split(":")[0] == image["name"]:
+                    c["image"] = f"{image.get('newName', image['name'])}:{image.get('newTag', 'latest')}"
+    for o in objects:
+        if "namespace" in k and o["kind"] not in CLUSTER_SCOPED:
+            o["metadata"]["namespace"] = k["namespace"]
+        for entry in k.get("labels", []):
+            o["metadata"].setdefault("labels", {}).update(entry["pairs"])
+    return objects
+
+
+def render(folder: Path) -> list[dict]:
+    for argv in (["kustomize", "build"], ["kubectl", "kustomize"]):
+        if shutil.which(argv[0]):
+            out = subprocess.run([*argv, str(folder)], capture_output=True, text=True, check=True).stdout
+            return [d for d in yaml.safe_load_all(out) if d]
+    return render_subset(folder)
+
+
+@pytest.fixture(scope="module", params=["cpu", "gpu"])
+def overlay(request) -> tuple[str, dict[tuple[str, str], dict]]:
+    objects = render(DEPLOY / "overlays" / request.param)
+    return request.param, {(o["kind"], o["metadata"]["name"]): o for o in objects}
+
+
+def test_every_rendered_object_matches_its_schema(overlay):
+    _, objects = overlay
+    assert {kind for kind, _ in objects} >= {
+        "Deployment", "ConfigMap", "Service", "ServiceMonitor", "PodDisruptionBudget", "ScaledObject",
+        "TriggerAuthentication", "NetworkPolicy", "ServiceAccount",
+    }  # fmt: skip
+    for (kind, name), obj in objects.items():
+        if kind in CUSTOM:
+            schema = json.loads((DEPLOY / "schemas" / f"{kind.lower()}.json").read_text())
+            jsonschema.validate(obj, schema)
+        else:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        assert obj["metadata"]["labels"]["app.kubernetes.io/name"] == "sorter", (kind, name)
+
+
+def test_the_schema_check_can_fail():
+    bad = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"}, "spec": {"replicaz": 1}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, K8S_VERSION, strict=True)
+
+
+def settings_from(objects) -> Settings:
+    data = objects[("ConfigMap", "sorter-config")]["data"]
+    return Settings.model_validate(yaml.safe_load(data["settings.yaml"]))
+
+
+def container(objects) -> dict:
+    (c,) = objects[("Deployment", "sorter")]["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def test_the_configmap_holds_valid_settings_and_a_valid_routing_table(overlay, tmp_path):
+    _, objects = overlay
+    data = objects[("ConfigMap", "sorter-config")]["data"]
+    (tmp_path / "settings.yaml").write_text(data["settings.yaml"])
+    (tmp_path / "routes.yaml").write_text(data["routes.yaml"])
+    settings = load_settings(tmp_path / "settings.yaml")
+    load_routing_table(tmp_path / "routes.yaml")
+    mounts = {m["mountPath"]: m.get("subPath") for m in container(objects)["volumeMounts"]}
+    assert mounts[str(settings.routes)] == "routes.yaml"
+    env = {e["name"]: e for e in container(objects)["env"]}
+    assert mounts[env["SORTER_CONFIG"]["value"]] == "settings.yaml"
+
+
+def test_every_sorter_environment_variable_names_a_real_setting(overlay):
+    _, objects = overlay
+    for e in container(objects)["env"]:
+        if e["name"] == "SORTER_CONFIG":  # the settings file itself (load_settings)
+            continue
+        parts = e["name"].removeprefix("SORTER_").lower().split("__")
+        assert e["name"].startswith("SORTER_") and parts[0] in Settings.model_fields, e["name"]
+        if len(parts) > 1:
+            section = Settings.model_fields[parts[0]].annotation
+            assert parts[1] in section.model_fields, e["name"]
+            if parts[1] == "client":  # librdkafka pass-through: SASL_USERNAME -> sasl.username
+                assert re.fullmatch(r"[a-z0-9_]+", parts[2]), e["name"]
+
+
+def test_probes_and_ports_match_what_the_worker_serves(overlay):
+    _, objects = overlay
+    settings = settings_from(objects)
+    c = container(objects)
+    (port,) = [p for p in c["ports"] if p["name"] == "metrics"]
+    assert port["containerPort"] == settings.observe.port
+    assert c["livenessProbe"]["httpGet"] == {"path": LIVENESS_PATH, "port": "metrics"}
+    assert c["startupProbe"]["httpGet"]["path"] == LIVENESS_PATH
+    assert c["readinessProbe"]["httpGet"] == {"path": READINESS_PATH, "port": "metrics"}
+    service = objects[("Service", "sorter-metrics")]["spec"]
+    assert service["ports"][0]["targetPort"] == "metrics" and service["ports"][0]["port"] == settings.observe.port
+    (endpoint,) = objects[("ServiceMonitor", "sorter")]["spec"]["endpoints"]
+    assert endpoint["port"] == service["ports"][0]["name"] and endpoint["path"] == METRICS_PATH
+    ingress_ports = [
+        p["port"] for rule in objects[("NetworkPolicy", "sorter")]["spec"]["ingress"] for p in rule["ports"]
+    ]
+    assert ingress_ports == [settings.observe.port]
+    pod_labels = objects[("Deployment", "sorter")]["spec"]["template"]["metadata"]["labels"]
+    for kind, name in (("Service", "sorter-metrics"), ("PodDisruptionBudget", "sorter"), ("NetworkPolicy", "sorter")):
+        spec = objects[(kind, name)]["spec"]
+        selector = spec.get("selector", spec.get("podSelector"))
+        selector = selector.get("matchLabels", selector)
+        assert selector.items() <= pod_labels.items(), (kind, selector)
+
+
+def test_drain_deadline_security_and_scaling_agree_with_the_worker(overlay):
+    flavour, objects = overlay
+    settings = settings_from(objects)
+    pod = objects[("Deployment", "sorter")]["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] > settings.shutdown_deadline_s
+    c = container(objects)
+    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] == 10001
+    assert c["securityContext"]["readOnlyRootFilesystem"] and not c["securityContext"]["allowPrivilegeEscalation"]
+    assert any(m["mountPath"] == "/tmp" for m in c["volumeMounts"])  # the only writable place
+    secrets = {e["name"] for e in c["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+    assert {"SORTER_REDIS__URL", "SORTER_KAFKA__CLIENT__SASL_PASSWORD"} <= secrets
+    gpus = c["resources"].get("limits", {}).get("nvidia.com/gpu")
+    assert (gpus == "1") if flavour == "gpu" else gpus is None
+    assert c["image"].endswith(f"-{flavour}")
+    scaler = objects[("ScaledObject", "sorter")]["spec"]
+    (trigger,) = scaler["triggers"]
+    assert scaler["scaleTargetRef"]["name"] == "sorter"
+    assert trigger["metadata"]["consumerGroup"] == settings.kafka.group_id
+    assert trigger["metadata"]["bootstrapServers"] == settings.kafka.bootstrap_servers
+    assert trigger["metadata"]["allowIdleConsumers"] == "false"  # never more pods than partitions
+
+
+def test_images_run_as_the_same_non_root_user_and_expose_the_metrics_port():
+    port = Settings.model_fields["observe"].default_factory().port
+    for name in ("Dockerfile.cpu", "Dockerfile.gpu"):
+        text = (ROOT / "docker" / name).read_text()
+        assert re.search(r"^USER 10001$", text, re.M), name
+        assert re.search(rf"^EXPOSE {port}$", text, re.M), name
+        assert 'ENTRYPOINT ["tini", "--", "sorter"]' in text  # SIGTERM reaches the worker as PID 1's child
+        assert "MODEL=mounted" in text and "COPY ${CHECKPOINT} /out/model.pt" in text
+
+
+def test_the_compose_file_wires_kafka_redis_model_worker_and_simulator():
+    compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+    services = compose["services"]
+    assert set(services) == {"kafka", "redis", "model", "worker", "simulator"}
+    assert "KRaft" in (ROOT / "docker" / "compose.yaml").read_text() or "controller" in str(services["kafka"])
+    worker = services["worker"]
+    assert worker["read_only"] is True and worker["ports"] == ["9400:9400"]
+    assert int(worker["stop_grace_period"].rstrip("s")) > Settings().shutdown_deadline_s
+    assert worker["depends_on"]["model"]["condition"] == "service_completed_successfully"
+    routes = load_routing_table(ROOT / "docker" / "demo-routes.yaml")
+    from sorter.data.synth import catalog
+    from sorter.demo import DEMO_CLASSES
+
+    assert list(routes.routes) == [d.sku for d in catalog(DEMO_CLASSES)]  # the demo model's SKUs
+
+
+@pytest.mark.skipif(not os.environ.get("SORTER_TEST_KUSTOMIZE_COMPARE"), reason="needs kustomize on PATH")
+def test_the_subset_renderer_agrees_with_kustomize():  # pragma: no cover - run where kustomize exists
+    for flavour in ("cpu", "gpu"):
+        assert render(DEPLOY / "overlays" / flavour) == render_subset(DEPLOY / "overlays" / flavour)
