@@ -75,6 +75,7 @@ class BatchSettings(BaseModel):
     decode_threads: int = Field(max(1, min(8, os.cpu_count() or 1)), ge=1)
     max_pixels: int = Field(40_000_000, ge=1)
     max_payload_bytes: int = Field(20_000_000, ge=1)
+    overlap: bool = Field(True, description="decode and collect the next batch while the model runs this one")
 
 
 class ModelSettings(BaseModel):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -83,6 +83,10 @@ class Decoder:
     def decode(self, payloads: Sequence[bytes], size: int) -> list[np.ndarray | FrameDecodeError]:
         return list(self.pool.map(lambda p: self._one(p, size), payloads))
 
+    def submit(self, payload: bytes, size: int) -> Future:
+        """Start decoding now; the result (array or FrameDecodeError) is picked up later."""
+        return self.pool.submit(self._one, payload, size)
+
     def close(self) -> None:
         self.pool.shutdown(wait=True)
 
@@ -112,8 +116,19 @@ class Pipeline:
     def _dead(self, result: BatchResult, raw: RawFrame, reason: str, exc: Exception) -> None:
         result.dead_letters.append(DeadLetter(raw, reason, type(exc).__name__, str(exc)))
 
-    def process(self, raws: Sequence[RawFrame]) -> BatchResult:
+    def predecode(self, raws: Sequence[RawFrame]) -> dict[int, Future]:
+        """Start decoding a batch's photos ahead of :meth:`process` (which then only waits for them), so
+        decoding the next batch overlaps the model's work on this one. Oversized payloads are skipped
+        (never decoded); a photo whose item turns out to be decided already was decoded for nothing."""
+        return {
+            i: self.decoder.submit(r.value, self.model.input_size)
+            for i, r in enumerate(raws)
+            if r.value and len(r.value) <= self.max_payload_bytes
+        }
+
+    def process(self, raws: Sequence[RawFrame], predecoded: dict[int, Future] | None = None) -> BatchResult:
         result = BatchResult(frames=len(raws))
+        position = {id(raw): i for i, raw in enumerate(raws)}
         frames: list[Frame] = []
         for raw in raws:
             try:
@@ -130,8 +145,11 @@ class Pipeline:
         fresh = [f for f in frames if f.item_id not in known]
         result.cache_hits = len(frames) - len(fresh)
 
-        started = time.perf_counter()
-        decoded = self.decoder.decode([f.payload for f in fresh], self.model.input_size)
+        started = time.perf_counter()  # with predecoding: the time spent waiting for the decoders
+        if predecoded is None:
+            decoded = self.decoder.decode([f.payload for f in fresh], self.model.input_size)
+        else:
+            decoded = [predecoded[position[id(f.raw)]].result() for f in fresh]
         result.decode_s = time.perf_counter() - started
         ok: list[tuple[Frame, np.ndarray]] = []
         for frame, image in zip(fresh, decoded, strict=True):

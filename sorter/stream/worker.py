@@ -3,23 +3,26 @@
 At-least-once, in numbered steps per batch:
 
 1. collect up to ``batch.max_size`` frames, waiting at most ``batch.max_wait_ms`` after the first;
-2. run the pipeline (decode, cache lookup, model, routing) and steps 3-4 on a helper thread; if that
-   takes longer than a third of ``max.poll.interval.ms`` (a slow model, a stalled broker), this thread
-   pauses the assigned partitions and keeps polling until it is done, so the group does not evict the
-   consumer; anything a poll returns meanwhile is kept for the next batch, never skipped;
+   start decoding them at once in the decode thread pool;
+2. on the helper thread (one, so batches run in order): run the pipeline (cache lookup, wait for the
+   decoders, model, routing) and steps 3-4. With ``batch.overlap`` the main thread meanwhile collects
+   and starts decoding the next batch, so consuming, decoding and inference overlap;
 3. produce routing commands (key = station) and dead letters, then flush: any delivery failure is
    raised; a fatal producer error recreates the producer and re-sends the batch;
 4. store the batch's decisions in the cache (only now: a decision remembered before its command was
-   delivered could lose the command after a crash);
-5. commit ``offset + 1`` per partition still assigned, synchronously.
+   delivered could lose the command after a crash; and the next batch's lookup runs after this);
+5. back on the main thread, commit ``offset + 1`` per partition still assigned, synchronously.
+
+If waiting for a batch takes longer than a third of ``max.poll.interval.ms`` (a slow model, a stalled
+broker), the main thread pauses the assigned partitions and keeps polling until it is done, so the
+group does not evict the consumer; anything a poll returns meanwhile is kept for the next batch.
 
 A crash anywhere before step 5 re-delivers the batch: commands may repeat (actuators drop them by
-``item_id``), none is lost. Rebalances happen inside ``consume``/``poll``: frames of a partition revoked
-while a batch was being collected are dropped from it deliberately (the partition's new owner reads
-them again); a partition revoked while its batch was being processed keeps its delivered commands but
-is not committed by this worker (its new owner re-reads from the last commit: duplicates, no loss).
-SIGTERM/SIGINT only set a flag: the loop finishes the batch in hand, commits and closes, within
-``shutdown_deadline_s``.
+``item_id``), none is lost. Rebalances happen inside ``consume``/``poll``: on revocation the batches in
+flight are finished and committed first, while the partitions are still ours (no repeats for their new
+owner); frames of revoked partitions collected but not started are dropped deliberately (the new owner
+reads them). SIGTERM/SIGINT only set a flag: the loop finishes the batches in hand, commits and
+closes, within ``shutdown_deadline_s``.
 """
 
 from __future__ import annotations
@@ -27,12 +30,11 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
@@ -44,7 +46,14 @@ from sorter.stream.observe import Health, Metrics, ObservabilityServer
 from sorter.stream.pipeline import BatchResult, Pipeline, now_ms
 
 log = get_logger("sorter.worker")
-T = TypeVar("T")
+
+
+@dataclass
+class InFlight:
+    future: Future
+    messages: list[Message]
+    started: float
+    finished: bool = False
 
 
 @dataclass
@@ -77,7 +86,8 @@ class Worker:
         self.assigned: set[tuple[str, int]] = set()
         self._revoked: set[tuple[str, int]] = set()
         self._stash: list[Message] = []  # polled while a slow batch ran: first in the next batch
-        self._runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch")
+        self._runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch")  # batches run in order
+        self._inflight: deque[InFlight] = deque()
         self.last_progress = time.monotonic()
         self.own_topics = {settings.kafka.commands_topic, settings.kafka.dlq_topic}
         self.metrics = Metrics()
@@ -113,6 +123,10 @@ class Worker:
         )
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Finish the batches in flight and commit them while the partitions are still ours: the new
+        # owner then starts after them (no repeats). Waiting here also holds up the rebalance, which is
+        # bounded by the batch time.
+        self._drain()
         gone = {(p.topic, p.partition) for p in partitions}
         self.assigned -= gone
         self._revoked |= gone
@@ -189,7 +203,13 @@ class Worker:
             log.warning("worker.commit_failed", error=str(exc), partitions=len(offsets))
 
     def process_once(self) -> int:
-        """Collect, process, deliver, remember, commit one batch; returns the frames handled."""
+        """Collect a batch and start it; finish (deliver, remember, commit) the batch before it.
+
+        With ``batch.overlap`` the batch just collected is decoded (thread pool) and queued on the helper
+        thread while the previous one is still in the model, so collection, decoding and inference
+        overlap; without it each batch is finished before the next is collected. Batches always run and
+        commit in order. Returns the frames collected or finished (0: idle).
+        """
         self._revoked.clear()
         messages = self._collect()
         if self._revoked:
@@ -198,45 +218,64 @@ class Worker:
             if len(kept) != len(messages):
                 log.info("worker.revoked_dropped", frames=len(messages) - len(kept))
             messages = kept
-            self._revoked.clear()
-        if not messages:
-            return 0
-        started = time.perf_counter()
-        result, delivered_ms = self._while_polling(self._work, [to_raw(m) for m in messages])
-        # a partition revoked meanwhile belongs to another worker now: its offsets are not ours to commit
-        self._commit([m for m in messages if (m.topic(), m.partition()) not in self._revoked])
-        self._account(result, delivered_ms, time.perf_counter() - started)
-        self.metrics.observe_batch(
-            result, Counter(m.topic() for m in messages), delivered_ms, time.perf_counter() - started
-        )
-        self.last_progress = time.monotonic()
-        return len(messages)
+        if messages:
+            raws = [to_raw(m) for m in messages]
+            predecoded = self.pipeline.predecode(raws) if self.settings.batch.overlap else None
+            future = self._runner.submit(self._work, raws, predecoded)
+            self._inflight.append(InFlight(future, messages, time.perf_counter()))
+        keep = 1 if messages and self.settings.batch.overlap else 0
+        finished = 0
+        while len(self._inflight) > keep:
+            finished += self._finish_oldest(keepalive=True)
+        return len(messages) + finished
 
-    def _work(self, raws: list[RawFrame]) -> tuple[BatchResult, int]:
-        result = self.pipeline.process(raws)
+    def _finish_oldest(self, *, keepalive: bool) -> int:
+        batch = self._inflight[0]
+        if keepalive:
+            # may run the revoke callback, which finishes every batch in flight, this one first
+            self._wait_polling(batch.future, len(batch.messages))
+            if batch.finished:
+                return len(batch.messages)
+        self._inflight.popleft()
+        result, delivered_ms = batch.future.result()  # raises what the helper raised (e.g. DeliveryError)
+        batch.finished = True
+        # a partition revoked meanwhile belongs to another worker now: its offsets are not ours to commit
+        self._commit([m for m in batch.messages if (m.topic(), m.partition()) not in self._revoked])
+        seconds = time.perf_counter() - batch.started
+        self._account(result, delivered_ms, seconds)
+        self.metrics.observe_batch(result, Counter(m.topic() for m in batch.messages), delivered_ms, seconds)
+        self.last_progress = time.monotonic()
+        return len(batch.messages)
+
+    def _drain(self) -> None:
+        """Finish every batch in flight, in order (stop, revocation): no polling meanwhile."""
+        while self._inflight:
+            self._finish_oldest(keepalive=False)
+
+    def _work(self, raws: list[RawFrame], predecoded) -> tuple[BatchResult, int]:
+        result = self.pipeline.process(raws, predecoded)
         self._deliver(result)
         delivered_ms = now_ms()
         self.pipeline.cache.put_many(result.decisions)
         return result, delivered_ms
 
-    def _while_polling(self, fn: Callable[[list[RawFrame]], T], raws: list[RawFrame]) -> T:
-        """``fn(raws)`` on the helper thread; if it runs long, keep the group membership alive meanwhile."""
-        future = self._runner.submit(fn, raws)
+    def _wait_polling(self, future: Future, frames: int) -> None:
+        """Wait for the helper thread; if it takes long, keep the group membership alive meanwhile."""
         patience = self.settings.kafka.max_poll_interval_ms / 3000
         try:
-            return future.result(timeout=patience)
+            future.exception(timeout=patience)
+            return
         except FutureTimeout:
             pass
         # Pausing costs a re-fetch, so it happens only for a slow batch, never on the fast path.
         self.stats.slow_batches += 1
-        log.warning("worker.slow_batch", frames=len(raws), waited_s=round(patience, 1))
+        log.warning("worker.slow_batch", frames=frames, waited_s=round(patience, 1))
         self.consumer.pause(self.consumer.assignment())
         try:
             while not future.done():
                 m = self.consumer.poll(min(patience, 0.5))  # serves rebalances, proves liveness
                 if m is not None and m.error() is None and m.topic() not in self.own_topics:
                     self._stash.append(m)
-            return future.result()
         finally:
             self.consumer.resume([p for p in self.consumer.assignment() if p.topic not in self.own_topics])
 
@@ -315,7 +354,10 @@ class Worker:
                 if max_frames is not None and self.stats.frames >= max_frames:
                     break
         finally:
-            self.close()
+            try:
+                self._drain()  # the batches in hand are delivered and committed before closing
+            finally:
+                self.close()
         return self.stats
 
     def close(self) -> None:

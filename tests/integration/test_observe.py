@@ -54,10 +54,10 @@ def test_metrics_move_readiness_follows_assignment_and_liveness_follows_progress
     worker = build_worker(settings)
     process, stall = worker.pipeline.process, threading.Event()
 
-    def maybe_stalled(raws):
+    def maybe_stalled(raws, *rest):
         if stall.is_set():
             time.sleep(4)  # the model hangs for longer than the liveness limit
-        return process(raws)
+        return process(raws, *rest)
 
     worker.pipeline.process = maybe_stalled
     thread = threading.Thread(target=worker.run, kwargs={"idle_exit_s": 120}, daemon=True)

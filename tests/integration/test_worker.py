@@ -187,11 +187,11 @@ def test_a_batch_slower_than_max_poll_interval_does_not_get_the_worker_evicted(s
     worker = build_worker(settings)
     process, stalled = worker.pipeline.process, []
 
-    def stall_once(raws):
+    def stall_once(raws, *rest):
         if not stalled:
             stalled.append(True)
             time.sleep(9)  # 1.5x max.poll.interval.ms
-        return process(raws)
+        return process(raws, *rest)
 
     worker.pipeline.process = stall_once
     start(worker, max_frames=12, idle_exit_s=30).join(120)
