@@ -216,6 +216,7 @@ def run(
     routes: Annotated[Path | None, typer.Option(help="routing table (YAML or JSON)")] = None,
     group_id: Annotated[str | None, typer.Option(help="consumer group")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N")] = None,
+    delivery: Annotated[str | None, typer.Option(help="at-least-once (default) or exactly-once")] = None,
     max_frames: Annotated[int | None, typer.Option(help="stop after this many frames (replays, tests)")] = None,
     idle_exit: Annotated[float | None, typer.Option(help="stop after this many idle seconds")] = None,
 ) -> None:
@@ -223,7 +224,11 @@ def run(
     from sorter.settings import load_settings
     from sorter.stream.app import build_worker
 
-    kafka = {k: v for k, v in {"bootstrap_servers": bootstrap_servers, "group_id": group_id}.items() if v}
+    kafka = {
+        k: v
+        for k, v in {"bootstrap_servers": bootstrap_servers, "group_id": group_id, "delivery": delivery}.items()
+        if v
+    }
     settings = load_settings(
         config,
         kafka=kafka or None,
@@ -262,6 +267,58 @@ def dev_services() -> None:
     finally:
         broker.stop()
         redis_.stop()
+
+
+@app.command()
+def bench(
+    backbone: Annotated[str, typer.Option(help="resnet18 or mobilenet_v2")] = "resnet18",
+    image_size: Annotated[int, typer.Option(help="model input size")] = 224,
+    frames: Annotated[int, typer.Option(help="frames per measurement")] = 600,
+    checkpoint: Annotated[Path | None, typer.Option(help="a real checkpoint (default: random weights)")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto, fp32, bf16, fp16")] = "auto",
+    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the model")] = False,
+    overlap: Annotated[bool, typer.Option("--overlap/--no-overlap", help="decode next batch during this one")] = True,
+    batch_sizes: Annotated[str, typer.Option(help="batch sizes the ceiling tries, comma-separated")] = "8,16,32",
+    naive_frames: Annotated[int, typer.Option(help="frames for the (slow) naive loop")] = 100,
+    paced_seconds: Annotated[float, typer.Option(help="length of the 70% paced run (600: memory soak)")] = 20.0,
+    decode_threads: Annotated[int | None, typer.Option(help="decode pool size (default: cores, max 8)")] = None,
+    bootstrap_servers: Annotated[str | None, typer.Option(help="use this broker (default: start Tansu)")] = None,
+    redis_url: Annotated[str | None, typer.Option(help="use this Redis (default: start one)")] = None,
+    out: Annotated[Path, typer.Option(help="folder for the JSON and the plot")] = Path("benchmarks/results"),
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object as the last line")] = False,
+) -> None:
+    """Ceiling vs end to end vs naive loop vs broker alone, latency at 70% load, and a plot."""
+    import json as _json
+
+    from sorter.bench import BenchConfig, plot, run, summary_lines
+
+    cfg = BenchConfig(
+        backbone=backbone,
+        image_size=image_size,
+        frames=frames,
+        checkpoint=checkpoint,
+        device=device,
+        precision=precision,
+        compile=compile,
+        overlap=overlap,
+        batch_sizes=tuple(int(b) for b in batch_sizes.split(",")),
+        naive_frames=naive_frames,
+        paced_seconds=paced_seconds,
+        decode_threads=decode_threads,
+        bootstrap=bootstrap_servers,
+        redis_url=redis_url,
+    )
+    result = run(cfg)
+    tag = f"{backbone}-{image_size}-{'gpu' if result['machine']['gpu'] else 'cpu'}" + ("-compiled" if compile else "")
+    png = plot(result, out / f"bench-{tag}.png")
+    (out / f"bench-{tag}.json").write_text(_json.dumps(result, indent=1) + "\n")
+    console = Console(stderr=as_json)
+    for line in summary_lines(result):
+        console.print(line)
+    console.print(f"plot: {png}")
+    if as_json:
+        sys.stdout.write(_json.dumps(result) + "\n")
 
 
 def _register_traffic() -> None:

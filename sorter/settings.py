@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -36,6 +36,10 @@ class KafkaSettings(BaseModel):
     # third of it is finished while the loop keeps polling with its partitions paused (see worker.py).
     max_poll_interval_ms: int = Field(300_000, ge=1_000)
     fetch_wait_max_ms: int = Field(50, ge=1, le=1_000)
+    startup_timeout_s: float = Field(120.0, gt=0, description="wait this long for a broker at start-up")
+    delivery: Literal["at-least-once", "exactly-once"] = Field(
+        "at-least-once", description="exactly-once: transactional consume -> produce (read_committed readers)"
+    )
     metadata_refresh_ms: int = Field(5_000, ge=100, description="how soon a new station topic is seen")
     client: dict[str, SecretStr] = Field(default_factory=dict, description="librdkafka properties, passed through")
 
@@ -82,6 +86,7 @@ class ModelSettings(BaseModel):
     checkpoint: Path | None = None
     device: str = "auto"
     precision: str = "auto"
+    compile: bool = Field(False, description="torch.compile the model at start-up (slower start, faster batches)")
 
 
 class ObserveSettings(BaseModel):

@@ -29,6 +29,10 @@ _REDUCED_FLAGS = {
 }
 
 
+#: What the frame contract accepts (and OpenCV decodes everywhere); anything else is refused by name.
+SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP"})
+
+
 def image_size_from_header(data: bytes) -> tuple[int, int, str]:
     """Width, height and format read from the header alone (no pixels are decoded)."""
     try:
@@ -54,6 +58,11 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side:
     if not data:
         raise FrameDecodeError("empty payload (0 bytes)", "empty_payload")
     width, height, fmt = image_size_from_header(data)
+    if fmt not in SUPPORTED_FORMATS:
+        raise FrameDecodeError(
+            f"{fmt} images are not supported: send JPEG, PNG or WebP ({width}x{height}, {len(data)} bytes)",
+            "unsupported_format",
+        )
     if width * height > max_pixels:
         raise FrameDecodeError(
             f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}", "too_many_pixels"

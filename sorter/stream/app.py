@@ -7,7 +7,7 @@ from sorter.logs import get_logger
 from sorter.settings import Settings
 from sorter.stream.cache import DecisionCache, NoCache, RedisDecisionCache
 from sorter.stream.inference import Classifier
-from sorter.stream.kafka import ensure_topics
+from sorter.stream.kafka import ensure_topics, wait_for_broker
 from sorter.stream.pipeline import Decoder, Pipeline
 from sorter.stream.routing import load_routing_table
 from sorter.stream.worker import Worker
@@ -35,7 +35,10 @@ def build_pipeline(settings: Settings) -> Pipeline:
     routes = load_routing_table(settings.routes)
     if settings.model.checkpoint is None:
         raise ConfigError("no model: pass --checkpoint FILE or set SORTER_MODEL__CHECKPOINT")
-    model = Classifier(settings.model.checkpoint, device=settings.model.device, precision=settings.model.precision)
+    m = settings.model
+    model = Classifier(
+        m.checkpoint, device=m.device, precision=m.precision, compile=m.compile, max_batch=settings.batch.max_size
+    )
     log.info(
         "model.loaded",
         model_version=model.model_version,
@@ -43,6 +46,8 @@ def build_pipeline(settings: Settings) -> Pipeline:
         classes=model.meta.num_classes,
         device=str(model.runtime.device),
         precision=model.runtime.precision,
+        compiled=model.buckets is not None,
+        compile_s=round(model.compile_s, 1),
     )
     b = settings.batch
     return Pipeline(
@@ -58,6 +63,7 @@ def build_pipeline(settings: Settings) -> Pipeline:
 
 def build_worker(settings: Settings, *, create_topics: bool = True, **kwargs) -> Worker:
     pipeline = build_pipeline(settings)
+    wait_for_broker(settings.kafka, settings.kafka.startup_timeout_s)
     if create_topics:
         ensure_topics(settings.kafka, {settings.kafka.commands_topic: 1, settings.kafka.dlq_topic: 1})
     log.info("worker.config", settings=settings.redacted())

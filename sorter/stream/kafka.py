@@ -3,7 +3,9 @@ raises delivery failures instead of logging and forgetting them, topic creation.
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
@@ -43,6 +45,8 @@ def consumer_config(s: KafkaSettings) -> dict[str, object]:
         "fetch.wait.max.ms": s.fetch_wait_max_ms,
         "topic.metadata.refresh.interval.ms": s.metadata_refresh_ms,
         "log.connection.close": False,  # idle-connection closes are routine, not news
+        # exactly-once: never read what a rolled-back transaction wrote (frames from transactional cameras)
+        "isolation.level": "read_committed" if s.delivery == "exactly-once" else "read_uncommitted",
         **s.client_config(),
     }
 
@@ -149,6 +153,90 @@ class CheckedProducer:
 
 def admin_config(s: KafkaSettings) -> dict[str, object]:
     return {"bootstrap.servers": s.bootstrap_servers, **s.client_config()}
+
+
+class TransactionAborted(SorterError):
+    """The batch's transaction was rolled back: nothing of it is visible; re-read it from its offsets."""
+
+
+class TransactionalProducer(CheckedProducer):
+    """Exactly-once delivery: each batch's commands, dead letters and consumed offsets commit as one
+    transaction (``send_offsets_to_transaction`` with the consumer's group metadata, KIP-447), so a
+    read_committed reader sees every batch once or not at all.
+
+    Errors, as the librdkafka transactions guide splits them: retriable -> retry the call; abortable ->
+    abort the transaction and raise :class:`TransactionAborted` (the caller rewinds); fatal (e.g. fenced
+    by a newer instance) -> raise, the caller recreates the producer."""
+
+    def __init__(self, config: dict[str, object], on_error=None, *, timeout_s: float = 30.0) -> None:
+        super().__init__(config, on_error)
+        self.timeout_s = timeout_s
+        self._producer.init_transactions(timeout_s)
+
+    def _call(self, fn, *args) -> None:
+        for _ in range(5):
+            try:
+                fn(*args)
+                return
+            except KafkaException as exc:
+                err = exc.args[0]
+                if err.retriable():
+                    continue
+                if err.txn_requires_abort():
+                    with contextlib.suppress(KafkaException):
+                        self._producer.abort_transaction(self.timeout_s)
+                    raise TransactionAborted(f"transaction aborted: {err}") from exc
+                raise DeliveryError([err], err.fatal()) from exc
+        raise TransactionAborted(f"{getattr(fn, '__name__', fn)} kept failing with retriable errors")
+
+    def begin(self) -> None:
+        self._call(self._producer.begin_transaction)
+
+    def commit(self, offsets: list, group_metadata) -> None:
+        self._call(self._producer.send_offsets_to_transaction, offsets, group_metadata, self.timeout_s)
+        self._call(self._producer.commit_transaction, self.timeout_s)
+        with self._lock:
+            errors, fatal = list(self._errors), self._fatal
+            self._errors.clear()
+        if errors:  # cannot happen after a successful commit, but never ignore a delivery error
+            raise DeliveryError(errors, fatal)
+
+
+class BrokerUnreachable(SorterError):
+    """No broker answered within the start-up deadline."""
+
+
+def wait_for_broker(s: KafkaSettings, timeout_s: float) -> None:
+    """Bounded retries with exponential backoff (0.5 s, doubling to 8 s) until the cluster answers, so a
+    worker started before its broker waits instead of crash-looping; past ``timeout_s`` it stops with a
+    message that says what to check."""
+    admin = AdminClient(admin_config(s))
+    deadline = time.monotonic() + timeout_s
+    delay, attempt = 0.5, 0
+    while True:
+        attempt += 1
+        try:
+            admin.list_topics(timeout=max(0.5, min(5.0, deadline - time.monotonic())))
+            if attempt > 1:
+                log.info("kafka.reachable", bootstrap_servers=s.bootstrap_servers, attempts=attempt)
+            return
+        except KafkaException as exc:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BrokerUnreachable(
+                    f"no Kafka broker answered at {s.bootstrap_servers} within {timeout_s:.0f} s ({exc.args[0]}): "
+                    "check SORTER_KAFKA__BOOTSTRAP_SERVERS, the network policy and the broker"
+                ) from None
+            wait = min(delay, left)
+            log.warning(
+                "kafka.unreachable",
+                bootstrap_servers=s.bootstrap_servers,
+                attempt=attempt,
+                retry_in_s=round(wait, 1),
+                error=str(exc.args[0]),
+            )
+            time.sleep(wait)
+            delay = min(delay * 2, 8.0)
 
 
 def ensure_topics(s: KafkaSettings, topics: dict[str, int], timeout: float = 10.0) -> None:

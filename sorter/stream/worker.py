@@ -27,6 +27,7 @@ closes, within ``shutdown_deadline_s``.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -41,7 +42,15 @@ from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 from sorter.logs import get_logger
 from sorter.settings import Settings
 from sorter.stream.contracts import RawFrame, dead_letter_headers
-from sorter.stream.kafka import CheckedProducer, DeliveryError, consumer_config, producer_config, to_raw
+from sorter.stream.kafka import (
+    CheckedProducer,
+    DeliveryError,
+    TransactionAborted,
+    TransactionalProducer,
+    consumer_config,
+    producer_config,
+    to_raw,
+)
 from sorter.stream.observe import Health, Metrics, ObservabilityServer
 from sorter.stream.pipeline import BatchResult, Pipeline, now_ms
 
@@ -66,12 +75,33 @@ class WorkerStats:
     producer_restarts: int = 0
     revoked_dropped: int = 0
     slow_batches: int = 0
+    aborted_batches: int = 0
 
 
 def _best_effort_id(raw: RawFrame, header: str, fallback: bytes | None) -> str | None:
     """An id for the log line of a frame that broke the contract (so ops can grep it), never raising."""
     value = next((v for k, v in reversed(raw.headers) if k == header and v), None) or fallback
     return value.decode("utf-8", "replace")[:128] if value else None
+
+
+def _failpoints() -> dict[str, float]:
+    """``SORTER_FAILPOINTS="after_produce=0.5"``: sleep that long at that point of every batch. For the
+    fault-injection tests (widen the window a crash can hit); empty, and free, in production."""
+    out = {}
+    for part in os.environ.get("SORTER_FAILPOINTS", "").split(","):
+        name, _, seconds = part.partition("=")
+        if name.strip():
+            out[name.strip()] = float(seconds or 0)
+    return out
+
+
+def _next_offsets(messages: list[Message]) -> list[TopicPartition]:
+    """``offset + 1`` of the last message per partition: what a commit of these messages stores."""
+    last: dict[tuple[str, int], int] = {}
+    for m in messages:
+        key = (m.topic(), m.partition())
+        last[key] = max(last.get(key, -1), m.offset())
+    return [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
 
 
 class Worker:
@@ -90,6 +120,11 @@ class Worker:
         self._inflight: deque[InFlight] = deque()
         self.last_progress = time.monotonic()
         self.own_topics = {settings.kafka.commands_topic, settings.kafka.dlq_topic}
+        # exactly-once: each batch is one transaction (commands, dead letters, offsets); batches then run
+        # one at a time, so an aborted batch is simply read again
+        self.exactly_once = settings.kafka.delivery == "exactly-once"
+        self.overlap = settings.batch.overlap and not self.exactly_once
+        self.failpoints = _failpoints()
         self.metrics = Metrics()
         self.health = Health()
         self.server: ObservabilityServer | None = None
@@ -104,9 +139,13 @@ class Worker:
         self.producer = self._new_producer()
 
     def _new_producer(self) -> CheckedProducer:
-        return CheckedProducer(
-            producer_config(self.settings.kafka), on_error=lambda _: self.metrics.kafka_errors.labels("producer").inc()
-        )
+        on_error = lambda _: self.metrics.kafka_errors.labels("producer").inc()  # noqa: E731
+        config = producer_config(self.settings.kafka)
+        if self.exactly_once:
+            # stable per worker: a restarted pod fences its previous incarnation's open transaction
+            config["transactional.id"] = f"{self.settings.kafka.group_id}-{self.settings.worker_id}"
+            return TransactionalProducer(config, on_error)
+        return CheckedProducer(config, on_error)
 
     # -- rebalance callbacks (run inside consume) ------------------------------------------------
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -189,12 +228,29 @@ class Worker:
                 self.stats.producer_restarts += 1
                 self.producer = self._new_producer()
 
+    def _deliver_transaction(self, result: BatchResult, offsets: list[TopicPartition]) -> None:
+        k = self.settings.kafka
+        producer = self.producer
+        try:
+            producer.begin()
+            for c in result.commands:
+                producer.produce(k.commands_topic, c.to_bytes(), c.station_id.encode())
+            for d in result.dead_letters:
+                headers = dead_letter_headers(d.raw, d.reason, d.error, d.message, self.settings.worker_id)
+                producer.produce(k.dlq_topic, d.raw.value or b"", d.raw.key, headers)
+            self._failpoint("after_produce")  # the transaction is open: a crash here aborts it
+            producer.commit(offsets, self.consumer.consumer_group_metadata())
+        except DeliveryError as exc:
+            if not exc.fatal:
+                raise
+            # fenced or otherwise dead: a new producer (new epoch) and the batch again, from its offsets
+            log.warning("worker.producer_recreated", error=str(exc), transactional=True)
+            self.stats.producer_restarts += 1
+            self.producer = self._new_producer()
+            raise TransactionAborted(f"producer recreated after a fatal error: {exc}") from exc
+
     def _commit(self, messages: list[Message]) -> None:
-        last: dict[tuple[str, int], int] = {}
-        for m in messages:
-            key = (m.topic(), m.partition())
-            last[key] = max(last.get(key, -1), m.offset())
-        offsets = [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
+        offsets = _next_offsets(messages)
         if not offsets:
             return
         try:
@@ -220,10 +276,10 @@ class Worker:
             messages = kept
         if messages:
             raws = [to_raw(m) for m in messages]
-            predecoded = self.pipeline.predecode(raws) if self.settings.batch.overlap else None
-            future = self._runner.submit(self._work, raws, predecoded)
+            predecoded = self.pipeline.predecode(raws) if self.overlap else None
+            future = self._runner.submit(self._work, raws, predecoded, _next_offsets(messages))
             self._inflight.append(InFlight(future, messages, time.perf_counter()))
-        keep = 1 if messages and self.settings.batch.overlap else 0
+        keep = 1 if messages and self.overlap else 0
         finished = 0
         while len(self._inflight) > keep:
             finished += self._finish_oldest(keepalive=True)
@@ -237,10 +293,15 @@ class Worker:
             if batch.finished:
                 return len(batch.messages)
         self._inflight.popleft()
-        result, delivered_ms = batch.future.result()  # raises what the helper raised (e.g. DeliveryError)
         batch.finished = True
-        # a partition revoked meanwhile belongs to another worker now: its offsets are not ours to commit
-        self._commit([m for m in batch.messages if (m.topic(), m.partition()) not in self._revoked])
+        try:
+            result, delivered_ms = batch.future.result()  # raises what the helper raised (e.g. DeliveryError)
+        except TransactionAborted as exc:
+            self._rewind(batch.messages, exc)
+            return 0
+        if not self.exactly_once:  # (exactly-once: the offsets were committed inside the transaction)
+            # a partition revoked meanwhile belongs to another worker now: its offsets are not ours to commit
+            self._commit([m for m in batch.messages if (m.topic(), m.partition()) not in self._revoked])
         seconds = time.perf_counter() - batch.started
         self._account(result, delivered_ms, seconds)
         self.metrics.observe_batch(result, Counter(m.topic() for m in batch.messages), delivered_ms, seconds)
@@ -252,9 +313,30 @@ class Worker:
         while self._inflight:
             self._finish_oldest(keepalive=False)
 
-    def _work(self, raws: list[RawFrame], predecoded) -> tuple[BatchResult, int]:
+    def _failpoint(self, name: str) -> None:
+        if name in self.failpoints:
+            time.sleep(self.failpoints[name])
+
+    def _rewind(self, messages: list[Message], exc: Exception) -> None:
+        """An aborted transaction: nothing of the batch is visible; read it again from its first offsets."""
+        first: dict[tuple[str, int], int] = {}
+        for m in messages:
+            key = (m.topic(), m.partition())
+            first[key] = min(first.get(key, m.offset()), m.offset())
+        self._stash.clear()  # polled after the batch: they come again after the seek
+        for (topic, partition), offset in first.items():
+            if (topic, partition) in self.assigned:
+                self.consumer.seek(TopicPartition(topic, partition, offset))
+        self.stats.aborted_batches += 1
+        log.warning("worker.transaction_aborted", error=str(exc), frames=len(messages), partitions=len(first))
+
+    def _work(self, raws: list[RawFrame], predecoded, offsets: list[TopicPartition]) -> tuple[BatchResult, int]:
         result = self.pipeline.process(raws, predecoded)
-        self._deliver(result)
+        if self.exactly_once:
+            self._deliver_transaction(result, offsets)
+        else:
+            self._deliver(result)
+            self._failpoint("after_produce")  # delivered, neither remembered nor committed: a crash repeats it
         delivered_ms = now_ms()
         self.pipeline.cache.put_many(result.decisions)
         return result, delivered_ms

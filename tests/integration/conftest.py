@@ -185,3 +185,19 @@ def consume_all(bootstrap: str, topic: str, expect: int, timeout: float = 60.0) 
     finally:
         c.close()
     return out
+
+
+def broker_hides_aborted_transactions(bootstrap: str) -> bool:
+    """Probe: does a read_committed reader skip what an aborted transaction wrote? (Kafka: yes.)"""
+    topic = f"txn-probe-{uuid.uuid4().hex[:8]}"
+    p = Producer({"bootstrap.servers": bootstrap, "transactional.id": topic})
+    p.init_transactions(30)
+    p.begin_transaction()
+    p.produce(topic, b"aborted")
+    p.flush(30)
+    p.abort_transaction(30)
+    p.begin_transaction()
+    p.produce(topic, b"committed")
+    p.commit_transaction(30)
+    seen = [m.value() for m in consume_all(bootstrap, topic, expect=1, timeout=30)]
+    return seen == [b"committed"]

@@ -1,0 +1,94 @@
+"""The bad-input corpus: every hostile or broken frame ends in the dead-letter topic with a reason a
+person can act on, the good frames around it are routed, and the worker never stops."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zlib
+from collections import Counter
+
+import numpy as np
+import pytest
+from confluent_kafka import Producer
+from PIL import Image
+
+from sorter.stream.app import build_worker
+from sorter.stream.kafka import ensure_topics
+from tests.integration.conftest import consume_all
+from tests.integration.test_worker import NOW_MS, photos
+
+pytestmark = pytest.mark.integration
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` pixels (a decompression bomb's calling card)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def gif() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(out, format="GIF")
+    return out.getvalue()
+
+
+def test_the_bad_input_corpus_is_dead_lettered_with_actionable_reasons(settings_for, namespace, bootstrap):
+    settings = settings_for(batch={"max_size": 8, "max_wait_ms": 5, "max_payload_bytes": 400_000})
+    topic = f"{namespace}-frames.dock-4"
+    ensure_topics(settings.kafka, {topic: 1})
+    good = [p for _, p in photos(12, seed=21)]
+    jpeg = good[0]
+    ok = {"captured-at": str(NOW_MS).encode()}
+    rng = np.random.default_rng(5)
+    corpus = {  # key -> (value, headers, the reason expected)
+        "trunc": (jpeg[: len(jpeg) // 2], ok, "corrupt_image"),
+        "garbage-after-soi": (b"\xff\xd8\xff" + rng.bytes(3000), ok, "unknown_format"),
+        "zero": (b"", ok, "empty_payload"),
+        "random": (rng.bytes(5000), ok, "unknown_format"),
+        "huge": (jpeg + b"\0" * 500_000, ok, "payload_too_large"),
+        "bomb": (png_claiming(50_000, 50_000), ok, "too_many_pixels"),
+        "gif": (gif(), ok, "unsupported_format"),
+        "ts-text": (jpeg, {"captured-at": b"yesterday"}, "bad_captured_at"),
+        "ts-absurd": (jpeg, {"captured-at": b"99999999999999"}, "bad_captured_at"),
+        "station-bytes": (jpeg, {"station-id": b"\xff\xfe\xfa"}, "bad_header"),
+        "id-spaces": (jpeg, {"item-id": b"item with spaces!"}, "bad_item_id"),
+    }
+    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    expected_good = []
+    for i, (key, (value, headers, _)) in enumerate(corpus.items()):
+        item = f"{namespace}-good-{i}"
+        p.produce(topic, good[i], item.encode(), headers=list(ok.items()))
+        expected_good.append(item)
+        p.produce(topic, value, f"{namespace}-{key}".encode(), headers=list(headers.items()))
+    p.produce(topic, jpeg, None, headers=[])  # no key, no item-id: missing_item_id
+    p.produce(topic, jpeg, b"\xff\xfe", headers=[])  # key not UTF-8 and no item-id header: bad_key
+    p.produce(topic, good[-1], f"{namespace}-good-last".encode(), headers=list(ok.items()))
+    expected_good.append(f"{namespace}-good-last")
+    assert p.flush(30) == 0
+    total = 2 * len(corpus) + 3
+
+    worker = build_worker(settings)
+    stats = worker.run(max_frames=total, idle_exit_s=30)
+    assert stats.frames == total  # the worker went through all of it
+
+    commands = consume_all(bootstrap, settings.kafka.commands_topic, expect=len(expected_good))
+    assert sorted(json.loads(m.value())["item_id"] for m in commands) == sorted(expected_good)
+    dead = consume_all(bootstrap, settings.kafka.dlq_topic, expect=len(corpus) + 2)
+    got = {}
+    for m in dead:
+        h = dict(m.headers())
+        key = (m.key() or b"").decode("utf-8", "replace").removeprefix(f"{namespace}-")
+        got[key] = h["dlq-reason"].decode()
+        assert h["dlq-error-message"] and h["dlq-error-class"] and h["dlq-source-offset"]
+        if key in corpus:
+            assert m.value() == corpus[key][0]  # the original bytes, whatever they were
+    want = {k: reason for k, (_, _, reason) in corpus.items()} | {"": "missing_item_id", "\ufffd\ufffd": "bad_key"}
+    assert got == want
+    print("dead letters by reason:", dict(Counter(got.values())))

@@ -1,0 +1,130 @@
+"""Faults a conveyor line sees: the broker unreachable at start-up and during a run, rebalances."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+
+import pytest
+from confluent_kafka import Producer
+
+from sorter.services import free_port, tansu_broker
+from sorter.stream.app import build_worker
+from sorter.stream.kafka import ensure_topics
+from tests.integration.conftest import consume_all, produce
+from tests.integration.faults import Proxy
+from tests.integration.test_worker import frames_for, photos
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def cut_off_broker(tmp_path):
+    """A broker that clients reach only through a proxy the test can cut (it advertises the proxy)."""
+    real, front = free_port(), free_port()
+    broker = tansu_broker(port=real, workdir=tmp_path)
+    url = f"tcp://127.0.0.1:{front}"
+    broker.argv[broker.argv.index("--advertised-listener-url") + 1] = url
+    broker.start()
+    proxy = Proxy(real, front)
+    yield f"127.0.0.1:{front}", proxy
+    proxy.down()
+    broker.stop()
+
+
+def wait_until(check, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_broker_unreachable_at_start_up_and_during_a_run_loses_nothing(settings_for, namespace, cut_off_broker):
+    bootstrap, proxy = cut_off_broker
+    settings = settings_for(
+        kafka={"bootstrap_servers": bootstrap, "startup_timeout_s": 60}, batch={"max_size": 4, "max_wait_ms": 5}
+    )
+    topic = f"{namespace}-frames.dock-1"
+    pics = photos(20, seed=8)
+    holder: dict = {}
+
+    def start() -> None:  # the broker is unreachable: start-up waits with backoff instead of crashing
+        try:
+            holder["worker"] = worker = build_worker(settings)
+            worker.run(idle_exit_s=120)
+        except BaseException as exc:  # surfaced by the assertions below
+            holder["error"] = exc
+
+    thread = threading.Thread(target=start, daemon=True)
+    thread.start()
+    time.sleep(3)
+    assert "worker" not in holder and "error" not in holder and thread.is_alive()  # still waiting, no crash
+    proxy.up()
+    wait_until(lambda: "worker" in holder or "error" in holder, 60, "the worker to start")
+    worker = holder["worker"]
+    ensure_topics(settings.kafka, {topic: 1})
+    produce(bootstrap, topic, frames_for([f"{namespace}-a{i}" for i in range(10)], pics[:10], "dock-1"))
+    wait_until(lambda: worker.stats.commands >= 10, 60, "the first 10 commands")
+
+    proxy.down()  # the network goes; frames keep coming (the cameras' producer buffers them)
+    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "message.timeout.ms": 60_000})
+    for item, value, headers in frames_for([f"{namespace}-b{i}" for i in range(10)], pics[10:], "dock-1"):
+        p.produce(topic, value, item.encode(), headers=list(headers.items()))
+    time.sleep(8)
+    assert thread.is_alive() and "error" not in holder  # no crash while the broker is gone
+    proxy.up()
+    assert p.flush(60) == 0
+    wait_until(lambda: worker.stats.commands >= 20, 90, "the 10 commands after the outage")
+    worker.stop_event.set()
+    thread.join(60)
+    assert "error" not in holder, holder.get("error")
+
+    commands = consume_all(bootstrap, settings.kafka.commands_topic, expect=20)
+    counts = Counter(json.loads(m.value())["item_id"] for m in commands)
+    assert set(counts) == {f"{namespace}-a{i}" for i in range(10)} | {f"{namespace}-b{i}" for i in range(10)}
+    print(f"commands={sum(counts.values())} duplicates={sum(counts.values()) - 20} "
+          f"producer_restarts={worker.stats.producer_restarts}")  # fmt: skip
+
+
+def test_workers_joining_and_leaving_mid_run_lose_no_item(settings_for, namespace, bootstrap):
+    """Two workers share a group; a third joins and leaves while they drain: every item is routed."""
+    n = 400
+    settings = settings_for(batch={"max_size": 8, "max_wait_ms": 5})
+    topic = f"{namespace}-frames.dock-1"
+    ensure_topics(settings.kafka, {topic: 6})
+    pics = photos(n, seed=13)
+    items = [f"{namespace}-{i}" for i in range(n)]
+    produce(bootstrap, topic, frames_for(items, pics, "dock-1"))
+
+    def worker_in_thread(name: str):
+        w = build_worker(settings.model_copy(update={"worker_id": f"{namespace}-{name}"}))
+        process = w.pipeline.process
+
+        def slowed(*args):  # ~80 frames/s per worker: the run lasts long enough to rebalance twice
+            time.sleep(0.1)
+            return process(*args)
+
+        w.pipeline.process = slowed
+        t = threading.Thread(target=w.run, kwargs={"idle_exit_s": 15}, daemon=True)
+        t.start()
+        return w, t
+
+    a, ta = worker_in_thread("a")
+    b, tb = worker_in_thread("b")
+    wait_until(lambda: a.stats.frames + b.stats.frames >= 60, 120, "the first frames")
+    c, tc = worker_in_thread("c")  # joins: a rebalance
+    wait_until(lambda: c.stats.frames > 0 or a.stats.frames + b.stats.frames >= n, 120, "the third worker")
+    c.stop_event.set()  # leaves: another rebalance
+    tc.join(60)
+    for t in (ta, tb):
+        t.join(180)
+    commands = consume_all(bootstrap, settings.kafka.commands_topic, expect=n)
+    counts = Counter(json.loads(m.value())["item_id"] for m in commands)
+    assert set(counts) == set(items)  # none lost
+    duplicates = sum(counts.values()) - n
+    revoked = sum(w.stats.revoked_dropped for w in (a, b, c))
+    print(f"items={n} frames a/b/c={a.stats.frames}/{b.stats.frames}/{c.stats.frames} "
+          f"duplicates={duplicates} dropped_on_revoke={revoked}")  # fmt: skip
+    assert duplicates <= revoked + 3 * settings.batch.max_size  # repeats only from work handed over
