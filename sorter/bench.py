@@ -52,6 +52,7 @@ class BenchConfig:
     precision: str = "auto"
     compile: bool = False
     overlap: bool = True
+    delivery: str = "at-least-once"
     batch_sizes: tuple[int, ...] = (8, 16, 32)
     max_wait_ms: int = 20
     naive_frames: int = 100
@@ -247,6 +248,7 @@ def _settings(cfg: BenchConfig, bootstrap: str, redis_url: str, checkpoint: Path
             "session_timeout_ms": 6000,
             "fetch_wait_max_ms": 10,
             "metadata_refresh_ms": 1000,
+            "delivery": cfg.delivery,
         },
         redis={"url": redis_url, "key_prefix": f"{prefix}:"},
         model={"checkpoint": checkpoint, "device": cfg.device, "precision": cfg.precision, "compile": cfg.compile},
@@ -555,6 +557,7 @@ def run(cfg: BenchConfig) -> dict:
             "photo": "640x480 JPEG",
             "compile": cfg.compile,
             "overlap": cfg.overlap,
+            "delivery": cfg.delivery,
             "max_wait_ms": cfg.max_wait_ms,
             "decode_threads": _threads(cfg),
         },
@@ -581,7 +584,7 @@ def plot(result: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4.2))
-    names = ["naive loop", "end to end", "compute ceiling", "broker only"]
+    names = ["naive\nloop", "end to end\n(worker)", "compute\nceiling", "broker\nonly"]
     values = [result["naive_fps"], result["e2e_fps"], result["ceiling_fps"], result["broker_fps"]]
     bars = a.bar(names, values, color=["#bbb", "#2a7", "#357", "#a85"])
     a.set_yscale("log")

@@ -279,6 +279,7 @@ def bench(
     precision: Annotated[str, typer.Option(help="auto, fp32, bf16, fp16")] = "auto",
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the model")] = False,
     overlap: Annotated[bool, typer.Option("--overlap/--no-overlap", help="decode next batch during this one")] = True,
+    delivery: Annotated[str, typer.Option(help="at-least-once or exactly-once")] = "at-least-once",
     batch_sizes: Annotated[str, typer.Option(help="batch sizes the ceiling tries, comma-separated")] = "8,16,32",
     naive_frames: Annotated[int, typer.Option(help="frames for the (slow) naive loop")] = 100,
     paced_seconds: Annotated[float, typer.Option(help="length of the 70% paced run (600: memory soak)")] = 20.0,
@@ -302,6 +303,7 @@ def bench(
         precision=precision,
         compile=compile,
         overlap=overlap,
+        delivery=delivery,
         batch_sizes=tuple(int(b) for b in batch_sizes.split(",")),
         naive_frames=naive_frames,
         paced_seconds=paced_seconds,
@@ -311,6 +313,7 @@ def bench(
     )
     result = run(cfg)
     tag = f"{backbone}-{image_size}-{'gpu' if result['machine']['gpu'] else 'cpu'}" + ("-compiled" if compile else "")
+    tag += "-eos" if delivery == "exactly-once" else ""
     png = plot(result, out / f"bench-{tag}.png")
     (out / f"bench-{tag}.json").write_text(_json.dumps(result, indent=1) + "\n")
     console = Console(stderr=as_json)

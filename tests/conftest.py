@@ -30,3 +30,19 @@ def synth_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_dataset(root / "val", classes=4, per_class=10, seed=2, size=(160, 120))
     (root / "skus.json").write_text((root / "train" / "skus.json").read_text())
     return root
+
+
+#: Figures the fault-injection tests measure (items, commands, duplicates, lost, dead letters), printed in
+#: pytest's terminal summary so CI logs show them without ``-s``.
+FIGURES: list[str] = []
+
+
+def report(test: str, **figures) -> None:
+    FIGURES.append(f"{test}: " + " ".join(f"{k}={v}" for k, v in figures.items()))
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if FIGURES:
+        terminalreporter.section("reliability figures")
+        for line in FIGURES:
+            terminalreporter.write_line(line)

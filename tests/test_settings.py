@@ -45,3 +45,34 @@ def test_invalid_settings_name_the_field(monkeypatch, env, field):
 
 def test_pattern_is_anchored_for_librdkafka():
     assert load_settings(kafka={"frames_pattern": r"cam\..+"}).kafka.frames_pattern == r"^cam\..+"
+
+
+def test_sasl_tls_and_redis_tls_reach_the_clients_and_stay_out_of_errors(monkeypatch):
+    """Kafka SASL/TLS and Redis TLS + password, checked at the config level (librdkafka validates names)."""
+    import redis
+    from confluent_kafka import Consumer, Producer
+
+    from sorter.stream.kafka import consumer_config, producer_config
+
+    for key, value in {
+        "SECURITY_PROTOCOL": "SASL_SSL",
+        "SASL_MECHANISM": "SCRAM-SHA-512",
+        "SASL_USERNAME": "sorter",
+        "SASL_PASSWORD": "hunter2",
+        "SSL_ENDPOINT_IDENTIFICATION_ALGORITHM": "https",
+    }.items():
+        monkeypatch.setenv(f"SORTER_KAFKA__CLIENT__{key}", value)
+    monkeypatch.setenv("SORTER_REDIS__URL", "rediss://:s3cret@redis.example:6380/0")
+    s = load_settings()
+    cc, pc = consumer_config(s.kafka), producer_config(s.kafka)
+    assert cc["security.protocol"] == pc["security.protocol"] == "SASL_SSL"
+    assert cc["sasl.password"] == "hunter2" and cc["ssl.endpoint.identification.algorithm"] == "https"
+    Producer(pc)  # librdkafka accepts every property name and value (a typo would raise here)
+    Consumer(cc).close()
+    client = redis.Redis.from_url(s.redis.url.get_secret_value())
+    kwargs = client.connection_pool.connection_kwargs
+    assert kwargs["password"] == "s3cret" and client.connection_pool.connection_class is redis.SSLConnection
+    monkeypatch.setenv("SORTER_BATCH__MAX_SIZE", "-1")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert "hunter2" not in str(info.value) and "s3cret" not in str(info.value)

@@ -16,6 +16,7 @@ from PIL import Image
 
 from sorter.stream.app import build_worker
 from sorter.stream.kafka import ensure_topics
+from tests.conftest import report
 from tests.integration.conftest import consume_all
 from tests.integration.test_worker import NOW_MS, photos
 
@@ -91,4 +92,11 @@ def test_the_bad_input_corpus_is_dead_lettered_with_actionable_reasons(settings_
             assert m.value() == corpus[key][0]  # the original bytes, whatever they were
     want = {k: reason for k, (_, _, reason) in corpus.items()} | {"": "missing_item_id", "\ufffd\ufffd": "bad_key"}
     assert got == want
-    print("dead letters by reason:", dict(Counter(got.values())))
+    report(
+        "bad input corpus",
+        frames=total,
+        routed=len(commands),
+        dead_letters=len(dead),
+        by_reason=dict(Counter(got.values())),
+        lost=0,
+    )

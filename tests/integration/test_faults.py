@@ -13,6 +13,7 @@ from confluent_kafka import Producer
 from sorter.services import free_port, tansu_broker
 from sorter.stream.app import build_worker
 from sorter.stream.kafka import ensure_topics
+from tests.conftest import report
 from tests.integration.conftest import consume_all, produce
 from tests.integration.faults import Proxy
 from tests.integration.test_worker import frames_for, photos
@@ -84,8 +85,14 @@ def test_broker_unreachable_at_start_up_and_during_a_run_loses_nothing(settings_
     commands = consume_all(bootstrap, settings.kafka.commands_topic, expect=20)
     counts = Counter(json.loads(m.value())["item_id"] for m in commands)
     assert set(counts) == {f"{namespace}-a{i}" for i in range(10)} | {f"{namespace}-b{i}" for i in range(10)}
-    print(f"commands={sum(counts.values())} duplicates={sum(counts.values()) - 20} "
-          f"producer_restarts={worker.stats.producer_restarts}")  # fmt: skip
+    report(
+        "broker cut off at start-up and for 8 s mid-run",
+        items=20,
+        commands=sum(counts.values()),
+        duplicates=sum(counts.values()) - 20,
+        lost=0,
+        producer_restarts=worker.stats.producer_restarts,
+    )
 
 
 def test_workers_joining_and_leaving_mid_run_lose_no_item(settings_for, namespace, bootstrap):
@@ -125,6 +132,12 @@ def test_workers_joining_and_leaving_mid_run_lose_no_item(settings_for, namespac
     assert set(counts) == set(items)  # none lost
     duplicates = sum(counts.values()) - n
     revoked = sum(w.stats.revoked_dropped for w in (a, b, c))
-    print(f"items={n} frames a/b/c={a.stats.frames}/{b.stats.frames}/{c.stats.frames} "
-          f"duplicates={duplicates} dropped_on_revoke={revoked}")  # fmt: skip
+    report(
+        "rebalances (2 workers, a third joins and leaves)",
+        items=n,
+        frames_by_worker=f"{a.stats.frames}/{b.stats.frames}/{c.stats.frames}",
+        commands=sum(counts.values()),
+        duplicates=duplicates,
+        lost=0,
+    )
     assert duplicates <= revoked + 3 * settings.batch.max_size  # repeats only from work handed over

@@ -15,6 +15,7 @@ import pytest
 
 from sorter.data.synth import catalog, render
 from sorter.stream.kafka import ensure_topics
+from tests.conftest import report
 from tests.integration.conftest import broker_hides_aborted_transactions, consume_all, produce, write_config
 
 pytestmark = pytest.mark.integration
@@ -63,29 +64,40 @@ def _restart(argv, env, log_path) -> None:
     assert rc == 0, log_path.read_text()[-3000:]
 
 
-def test_worker_killed_and_restarted_mid_stream_routes_every_item(settings_for, namespace, bootstrap, tmp_path):
-    n = 240
+def test_worker_killed_three_times_while_draining_routes_every_item(settings_for, namespace, bootstrap, tmp_path):
+    n, kills = 1200, 3
     settings = settings_for(batch={"max_size": 8, "max_wait_ms": 5})
     items = _backlog(settings, namespace, bootstrap, n)
     argv, env = _argv(settings, tmp_path)
     # widen the window after a batch is delivered, before it is remembered (Redis) and committed
     env_killed = env | {"SORTER_FAILPOINTS": "after_produce=1.0"}
-    routed_before_kill, _, _ = _stop_midway(argv, env_killed, tmp_path / "first.log", signal.SIGKILL, 0.6)
-    assert 0 < routed_before_kill < n, (tmp_path / "first.log").read_text()[-3000:]
-    _restart(argv, env, tmp_path / "second.log")
+    routed = []
+    for i in range(kills):
+        routed_before_kill, _, _ = _stop_midway(argv, env_killed, tmp_path / f"run{i}.log", signal.SIGKILL, 0.6)
+        assert 0 < routed_before_kill < n, (tmp_path / f"run{i}.log").read_text()[-3000:]
+        routed.append(routed_before_kill)
+    _restart(argv, env, tmp_path / "last.log")
 
     commands = [json.loads(m.value()) for m in consume_all(bootstrap, settings.kafka.commands_topic, expect=n)]
     counts = Counter(c["item_id"] for c in commands)
     assert set(counts) == set(items)  # nothing lost
     duplicates = sum(counts.values()) - n
-    # at-least-once: only frames in flight at the kill (delivered, not yet committed) repeat
-    assert 0 < duplicates <= 2 * settings.batch.max_size
+    # at-least-once: only what was in flight at each kill (delivered, not yet committed) repeats
+    assert 0 < duplicates <= kills * 2 * settings.batch.max_size
     repeated = [c for c in commands if counts[c["item_id"]] > 1]
     by_item = {}
     for c in repeated:  # what lets an actuator drop the repeat: same item, same decision, same source offset
         first = by_item.setdefault(c["item_id"], c)
         assert (c["chute"], c["source"]) == (first["chute"], first["source"])
-    print(f"items={n} routed_before_kill={routed_before_kill} commands={len(commands)} duplicates={duplicates}")
+    report(
+        "SIGKILL x3 while draining (at-least-once)",
+        items=n,
+        routed_before_kills=routed,
+        commands=len(commands),
+        duplicates=duplicates,
+        in_flight_window=kills * 2 * settings.batch.max_size,
+        lost=0,
+    )
 
 
 def test_sigterm_drains_the_batch_in_hand_commits_and_exits_within_the_deadline(
@@ -112,7 +124,7 @@ def test_sigterm_drains_the_batch_in_hand_commits_and_exits_within_the_deadline(
     assert set(counts) == set(items)
     assert sum(counts.values()) == n  # everything routed before the stop was committed: no repeats
     assert _routed(tmp_path / "second.log") == n - routed_first
-    print(f"items={n} routed_first={routed_first} stop_s={seconds:.2f} commands={len(commands)} duplicates=0")
+    report("SIGTERM mid-stream", items=n, routed_first=routed_first, stop_s=round(seconds, 2), duplicates=0, lost=0)
 
 
 def _kill_twice_then_finish(settings, namespace, bootstrap, tmp_path) -> tuple[list[str], Counter, list[int]]:
@@ -133,7 +145,7 @@ def test_exactly_once_mode_routes_every_item_across_kills(settings_for, namespac
     settings = settings_for(batch={"max_size": 8, "max_wait_ms": 5})
     items, counts, kills = _kill_twice_then_finish(settings, namespace, bootstrap, tmp_path)
     assert set(counts) == set(items)  # transactions committed, offsets inside them: nothing lost
-    print(f"items={len(items)} routed_before_kills={kills} commands={sum(counts.values())}")
+    report("SIGKILL x2 (exactly-once)", items=len(items), routed_before_kills=kills, lost=0)
 
 
 def test_exactly_once_a_killed_worker_leaves_no_duplicate_for_read_committed_readers(
@@ -146,7 +158,7 @@ def test_exactly_once_a_killed_worker_leaves_no_duplicate_for_read_committed_rea
             "SORTER_TEST_BOOTSTRAP pointing at Kafka"
         )
     settings = settings_for(batch={"max_size": 8, "max_wait_ms": 5})
-    items, counts, kills = _kill_twice_then_finish(settings, namespace, bootstrap, tmp_path)
+    items, counts, _ = _kill_twice_then_finish(settings, namespace, bootstrap, tmp_path)
     assert set(counts) == set(items)
     assert sum(counts.values()) == len(items), f"duplicates: {sum(counts.values()) - len(items)}"
-    print(f"items={len(items)} routed_before_kills={kills} duplicates=0")
+    report("SIGKILL x2 (exactly-once, read_committed)", items=len(items), duplicates=0, lost=0)
