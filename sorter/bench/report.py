@@ -1,0 +1,83 @@
+"""The machine, the plot, the summary."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+
+def machine() -> dict:
+    cpu = "?"
+    with contextlib.suppress(OSError, StopIteration):
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
+
+
+def plot(result: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4.2))
+    names = ["naive\nloop", "end to end\n(worker)", "compute\nceiling", "broker\nonly"]
+    values = [result["naive_fps"], result["e2e_fps"], result["ceiling_fps"], result["broker_fps"]]
+    bars = a.bar(names, values, color=["#bbb", "#2a7", "#357", "#a85"])
+    a.set_yscale("log")
+    a.set_ylabel("frames/s (log)")
+    a.bar_label(bars, fmt="%.0f")
+    a.set_title(
+        f"{result['config']['backbone']} {result['config']['image_size']} px, {result['machine']['gpu'] or 'CPU'}"
+    )
+    e = result["e2e"]
+    stages = {"decode wait": e["decode_wait_ms_per_frame"], "model": e["infer_ms_per_frame"],
+              "broker, cache, routing": e["other_ms_per_frame"] or 0}  # fmt: skip
+    b.barh(list(stages), list(stages.values()), color=["#8ac", "#357", "#a85"])
+    b.set_xlabel("ms per frame (end to end, drained)")
+    b.set_title("where the time goes")
+    lat = result["paced"]["latency"]
+    c.bar(["p50", "p95", "p99"], [lat["p50_ms"] or 0, lat["p95_ms"] or 0, lat["p99_ms"] or 0], color="#2a7")
+    c.axhline(100, color="#c33", ls="--", lw=1, label="target p99 100 ms")
+    c.set_ylabel("ms, captured-at to command delivered")
+    c.set_title(f"latency at 70% load ({result['paced']['rate']:.0f} frames/s)")
+    c.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def summary_lines(r: dict) -> list[str]:
+    e, p, m, c = r["e2e"], r["paced"], r["machine"], r["ceiling"]
+    lat, rss = p["latency"], p["rss_mb"]
+    return [
+        f"machine: {m['cpu']} x{m['cores']}, GPU {m['gpu']}, torch {m['torch']}",
+        f"model: {r['config']['backbone']} {r['config']['image_size']} px on {c['device']} "
+        f"({c['precision']}, channels_last {c['channels_last']}, compiled {c['compiled']})",
+        f"ceiling   {r['ceiling_fps']:8.1f} frames/s (batch {c['batch']}, overlap {c['overlap']})",
+        f"e2e       {r['e2e_fps']:8.1f} frames/s = {r['e2e_over_ceiling']:.0%} of ceiling, "
+        f"{r['e2e_over_naive']:.1f}x naive (mean batch {e['mean_batch']})",
+        f"naive     {r['naive_fps']:8.1f} frames/s",
+        f"broker    {r['broker_fps']:8.1f} frames/s (no model)",
+        f"per frame: decode wait {e['decode_wait_ms_per_frame']} ms, model {e['infer_ms_per_frame']} ms, "
+        f"rest {e['other_ms_per_frame']} ms",
+        f"paced at {p['rate']} frames/s: latency p50 {lat['p50_ms']} p95 {lat['p95_ms']} p99 {lat['p99_ms']} ms; "
+        f"RSS {rss['start']} -> {rss['end']} MB ({rss['slope_mb_per_min']} MB/min)",
+    ]
