@@ -171,3 +171,28 @@ def test_a_fatal_producer_error_recreates_the_producer_and_resends_the_whole_bat
     assert len(second.sent) == len(first.sent) == 3  # 2 commands + 1 dead letter, all sent again
     assert w.producer is second and w.stats.producer_restarts == 1
     w.consumer.close()
+
+
+def test_a_failed_batch_stops_later_batches_from_committing_past_it(setup, monkeypatch):
+    """Batch k's delivery fails while k+1 is already in flight: k+1 must not commit (it would skip k)."""
+    from concurrent.futures import Future
+
+    from confluent_kafka import KafkaError
+
+    from sorter.settings import load_settings
+    from sorter.stream import worker as worker_module
+    from sorter.stream.kafka import DeliveryError
+
+    pipeline, _, _ = setup
+    monkeypatch.setattr(worker_module, "CheckedProducer", FlakyProducer)
+    w = worker_module.Worker(load_settings(kafka={"bootstrap_servers": "127.0.0.1:9"}), pipeline)
+    committed = []
+    monkeypatch.setattr(w, "_commit", committed.append)
+    failed, later = Future(), Future()
+    failed.set_exception(DeliveryError([KafkaError(KafkaError._MSG_TIMED_OUT, "timed out")], fatal=False))
+    later.set_result((pipeline.process([frame("b", photo(1, 0.9), offset=9)]), 0))
+    w._inflight.extend([worker_module.InFlight(failed, ["k"], 0.0), worker_module.InFlight(later, ["k+1"], 0.0)])
+    with pytest.raises(DeliveryError):
+        w._drain()
+    assert committed == [] and not w._inflight
+    w.consumer.close()

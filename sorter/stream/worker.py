@@ -27,6 +27,7 @@ closes, within ``shutdown_deadline_s``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -299,6 +300,9 @@ class Worker:
         except TransactionAborted as exc:
             self._rewind(batch.messages, exc)
             return 0
+        except BaseException:
+            self._abandon()  # the batches after a failed one must not commit past it
+            raise
         if not self.exactly_once:  # (exactly-once: the offsets were committed inside the transaction)
             # a partition revoked meanwhile belongs to another worker now: its offsets are not ours to commit
             self._commit([m for m in batch.messages if (m.topic(), m.partition()) not in self._revoked])
@@ -307,6 +311,16 @@ class Worker:
         self.metrics.observe_batch(result, Counter(m.topic() for m in batch.messages), delivered_ms, seconds)
         self.last_progress = time.monotonic()
         return len(batch.messages)
+
+    def _abandon(self) -> None:
+        """After a batch failed (its commands not delivered): let the later batches end, commit none of
+        them, so the failed batch's offsets are the next to be read by whoever owns the partitions."""
+        while self._inflight:
+            later = self._inflight.popleft()
+            later.finished = True
+            with contextlib.suppress(BaseException):
+                later.future.result()
+        log.error("worker.batch_failed", abandoned="later batches not committed; their frames are read again")
 
     def _drain(self) -> None:
         """Finish every batch in flight, in order (stop, revocation): no polling meanwhile."""
