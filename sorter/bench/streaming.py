@@ -229,7 +229,7 @@ def paced(cfg: BenchConfig, frames: Frames, checkpoint: Path, bootstrap: str, re
 
 # -- 3. the naive loop -----------------------------------------------------------------------------
 def naive(cfg: BenchConfig, frames: Frames, checkpoint: Path, bootstrap: str) -> dict:
-    from confluent_kafka import Consumer, Producer
+    from confluent_kafka import Producer
 
     from sorter.model.checkpoint import load_checkpoint
     from sorter.settings import KafkaSettings
@@ -243,16 +243,7 @@ def naive(cfg: BenchConfig, frames: Frames, checkpoint: Path, bootstrap: str) ->
     model, meta = load_checkpoint(checkpoint, device)
     mean = torch.tensor(meta.mean).view(1, 3, 1, 1)
     std = torch.tensor(meta.std).view(1, 3, 1, 1)
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"{prefix}-group",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-            "session.timeout.ms": 6000,
-            "fetch.wait.max.ms": 10,
-        }
-    )
+    consumer = _reader(bootstrap, f"{prefix}-group")
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0})
     consumer.subscribe([topic])
     times: list[float] = []
@@ -280,6 +271,22 @@ def naive(cfg: BenchConfig, frames: Frames, checkpoint: Path, bootstrap: str) ->
     return {"fps": round(fps, 2), "frames": len(times)}
 
 
+def _reader(bootstrap: str, group: str):
+    """A consumer that starts at the beginning and commits only when told (naive loop, broker alone)."""
+    from confluent_kafka import Consumer
+
+    return Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": group,
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "session.timeout.ms": 6000,
+            "fetch.wait.max.ms": 10,
+        }
+    )
+
+
 def _preload_one(bootstrap: str, topic: str, frames: Frames, n: int) -> None:
     from confluent_kafka import Producer
 
@@ -292,7 +299,7 @@ def _preload_one(bootstrap: str, topic: str, frames: Frames, n: int) -> None:
 
 # -- 4. the broker alone ---------------------------------------------------------------------------
 def broker_only(cfg: BenchConfig, frames: Frames, bootstrap: str) -> dict:
-    from confluent_kafka import Consumer, TopicPartition
+    from confluent_kafka import TopicPartition
 
     from sorter.settings import KafkaSettings
     from sorter.stream.kafka import CheckedProducer, ensure_topics
@@ -301,16 +308,7 @@ def broker_only(cfg: BenchConfig, frames: Frames, bootstrap: str) -> dict:
     topic = f"{prefix}.frames.s1"
     ensure_topics(KafkaSettings(bootstrap_servers=bootstrap), {topic: 1, f"{prefix}.commands": 1})
     _preload_one(bootstrap, topic, frames, cfg.frames)
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"{prefix}-group",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-            "session.timeout.ms": 6000,
-            "fetch.wait.max.ms": 10,
-        }
-    )
+    consumer = _reader(bootstrap, f"{prefix}-group")
     producer = CheckedProducer({"bootstrap.servers": bootstrap, "linger.ms": 2, "enable.idempotence": True})
     consumer.subscribe([topic])
     done, first = 0, None
