@@ -32,16 +32,9 @@ def synth_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-#: Figures the fault-injection tests measure (items, commands, duplicates, lost, dead letters), printed in
-#: pytest's terminal summary so CI logs show them without ``-s``.
-FIGURES: list[str] = []
-
-
-def report(test: str, **figures) -> None:
-    FIGURES.append(f"{test}: " + " ".join(f"{k}={v}" for k, v in figures.items()))
-
-
 def pytest_terminal_summary(terminalreporter) -> None:
+    from tests.figures import FIGURES
+
     if FIGURES:
         terminalreporter.section("reliability figures")
         for line in FIGURES:

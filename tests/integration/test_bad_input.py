@@ -16,7 +16,7 @@ from PIL import Image
 
 from sorter.stream.app import build_worker
 from sorter.stream.kafka import ensure_topics
-from tests.conftest import report
+from tests.figures import report
 from tests.integration.conftest import consume_all
 from tests.integration.test_worker import NOW_MS, photos
 

@@ -13,7 +13,7 @@ from confluent_kafka import Producer
 from sorter.services import free_port, tansu_broker
 from sorter.stream.app import build_worker
 from sorter.stream.kafka import ensure_topics
-from tests.conftest import report
+from tests.figures import report
 from tests.integration.conftest import consume_all, produce
 from tests.integration.faults import Proxy
 from tests.integration.test_worker import frames_for, photos

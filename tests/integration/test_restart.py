@@ -15,7 +15,7 @@ import pytest
 
 from sorter.data.synth import catalog, render
 from sorter.stream.kafka import ensure_topics
-from tests.conftest import report
+from tests.figures import report
 from tests.integration.conftest import broker_hides_aborted_transactions, consume_all, produce, write_config
 
 pytestmark = pytest.mark.integration
