@@ -130,11 +130,16 @@ class CheckedProducer:
                 raise DeliveryError(list(self._errors), self._fatal) from exc
         self._producer.poll(0)
 
-    def flush(self, timeout: float) -> None:
-        remaining = self._producer.flush(timeout)
+    def _take_errors(self) -> tuple[list[KafkaError], bool]:
+        """The delivery errors collected since the last call, and whether any was fatal."""
         with self._lock:
             errors, fatal = list(self._errors), self._fatal
             self._errors.clear()
+        return errors, fatal
+
+    def flush(self, timeout: float) -> None:
+        remaining = self._producer.flush(timeout)
+        errors, fatal = self._take_errors()
         if remaining:
             errors.append(
                 KafkaError(KafkaError._MSG_TIMED_OUT, f"{remaining} message(s) still queued after {timeout} s")
@@ -195,9 +200,7 @@ class TransactionalProducer(CheckedProducer):
     def commit(self, offsets: list, group_metadata) -> None:
         self._call(self._producer.send_offsets_to_transaction, offsets, group_metadata, self.timeout_s)
         self._call(self._producer.commit_transaction, self.timeout_s)
-        with self._lock:
-            errors, fatal = list(self._errors), self._fatal
-            self._errors.clear()
+        errors, fatal = self._take_errors()
         if errors:  # cannot happen after a successful commit, but never ignore a delivery error
             raise DeliveryError(errors, fatal)
 

@@ -211,15 +211,19 @@ class Worker:
                 break
         return messages
 
-    def _deliver(self, result: BatchResult) -> None:
+    def _produce_batch(self, producer: CheckedProducer, result: BatchResult) -> None:
+        """Commands (keyed by station) and dead letters (original key, value and headers + why)."""
         k = self.settings.kafka
+        for c in result.commands:
+            producer.produce(k.commands_topic, c.to_bytes(), c.station_id.encode())
+        for d in result.dead_letters:
+            headers = dead_letter_headers(d.raw, d.reason, d.error, d.message, self.settings.worker_id)
+            producer.produce(k.dlq_topic, d.raw.value or b"", d.raw.key, headers)
+
+    def _deliver(self, result: BatchResult) -> None:
         for attempt in range(3):
             try:
-                for c in result.commands:
-                    self.producer.produce(k.commands_topic, c.to_bytes(), c.station_id.encode())
-                for d in result.dead_letters:
-                    headers = dead_letter_headers(d.raw, d.reason, d.error, d.message, self.settings.worker_id)
-                    self.producer.produce(k.dlq_topic, d.raw.value or b"", d.raw.key, headers)
+                self._produce_batch(self.producer, result)
                 self.producer.flush(timeout=30)
                 return
             except DeliveryError as exc:
@@ -230,15 +234,10 @@ class Worker:
                 self.producer = self._new_producer()
 
     def _deliver_transaction(self, result: BatchResult, offsets: list[TopicPartition]) -> None:
-        k = self.settings.kafka
         producer = self.producer
         try:
             producer.begin()
-            for c in result.commands:
-                producer.produce(k.commands_topic, c.to_bytes(), c.station_id.encode())
-            for d in result.dead_letters:
-                headers = dead_letter_headers(d.raw, d.reason, d.error, d.message, self.settings.worker_id)
-                producer.produce(k.dlq_topic, d.raw.value or b"", d.raw.key, headers)
+            self._produce_batch(producer, result)
             self._failpoint("after_produce")  # the transaction is open: a crash here aborts it
             producer.commit(offsets, self.consumer.consumer_group_metadata())
         except DeliveryError as exc:

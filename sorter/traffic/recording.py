@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from sorter.errors import SorterError
+from sorter.stream.contracts import station_from_topic
 
 MAGIC = b"\x89SREC\r\n\x1a"
 VERSION = 1
@@ -78,6 +79,10 @@ class Record:
             if k == name and v is not None:
                 return v.decode("utf-8", "replace")
         return None
+
+    def station(self, frames_prefix: str = "frames.") -> str | None:
+        """The station-id header, else the station named by the topic (``frames.<station>``), as the worker does."""
+        return self.header("station-id") or station_from_topic(self.topic, frames_prefix)
 
     @property
     def time_ms(self) -> int:

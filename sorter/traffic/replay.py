@@ -21,7 +21,7 @@ from confluent_kafka import Producer
 from sorter.errors import SorterError
 from sorter.logs import get_logger
 from sorter.progress import make_progress
-from sorter.stream.contracts import RawFrame, Source, station_from_topic
+from sorter.stream.contracts import RawFrame, Source
 from sorter.stream.pipeline import BatchResult, Pipeline, now_ms
 from sorter.traffic.recording import Reader, Record, RecordingDamaged
 
@@ -48,7 +48,7 @@ class ReplayPlan:
         return self.topic_prefix + self.topic_map.get(topic, topic)
 
     def station(self, record: Record) -> str | None:
-        return record.header("station-id") or station_from_topic(record.topic, self.frames_prefix)
+        return record.station(self.frames_prefix)
 
 
 def parse_topic_map(pairs: list[str]) -> dict[str, str]:

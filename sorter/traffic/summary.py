@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 
-from sorter.stream.contracts import station_from_topic
 from sorter.traffic.recording import Reader, Record
 
 _SAFE = re.compile(r"[^A-Za-z0-9._:-]+")
@@ -71,7 +70,7 @@ class Summary:
 
 
 def station_of(record: Record, frames_prefix: str = "frames.") -> str:
-    return record.header("station-id") or station_from_topic(record.topic, frames_prefix) or "?"
+    return record.station(frames_prefix) or "?"
 
 
 def summarize(reader: Reader, *, extract_to: Path | None = None, limit: int | None = None) -> Summary:
