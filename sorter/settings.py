@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validat
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sorter.errors import ConfigError
+from sorter.limits import default_decode_threads
 
 
 class KafkaSettings(BaseModel):
@@ -41,6 +42,25 @@ class KafkaSettings(BaseModel):
         "at-least-once", description="exactly-once: transactional consume -> produce (read_committed readers)"
     )
     metadata_refresh_ms: int = Field(5_000, ge=100, description="how soon a new station topic is seen")
+    # cooperative-sticky spreads every partition of every station topic across the group (one partition per
+    # station is common) and moves only the partitions that change owner; range gives partition i of every
+    # topic to the same member, so single-partition stations would all land on one pod
+    assignment_strategy: Literal["cooperative-sticky", "roundrobin", "range"] = "cooperative-sticky"
+    message_timeout_ms: int = Field(
+        30_000, ge=1_000, description="a delivery not acknowledged within this is re-sent (the batch waits)"
+    )
+    dlq_max_bytes: int = Field(
+        900_000,
+        ge=16_384,
+        description="a dead letter larger than this goes without its payload (size and SHA-256 in headers); "
+        "keep it under the producer's message.max.bytes (1,000,000) and the topic's max.message.bytes",
+    )
+    transactional_id: str | None = Field(
+        None, description="exactly-once: stable per worker slot (default: group id + host name, a StatefulSet pod)"
+    )
+    transaction_timeout_ms: int = Field(
+        15_000, ge=1_000, description="exactly-once: the broker aborts a transaction left open this long"
+    )
     client: dict[str, SecretStr] = Field(default_factory=dict, description="librdkafka properties, passed through")
 
     @field_validator("frames_pattern")
@@ -71,12 +91,18 @@ class RedisSettings(BaseModel):
     key_prefix: str = "sorter:decision:"
     timeout_s: float = Field(0.25, gt=0)
     retry_after_s: float = Field(2.0, gt=0, description="wait before trying Redis again after a failure")
+    pass_window_ms: int = Field(
+        10_000,
+        ge=0,
+        description="frames of an item at the same station captured within this of its decision are one pass "
+        "(no second command); a later pass or another station gets a command from the cached decision",
+    )
 
 
 class BatchSettings(BaseModel):
     max_size: int = Field(32, ge=1, le=1024)
     max_wait_ms: int = Field(20, ge=0, le=10_000, description="deadline to fill a batch at low traffic")
-    decode_threads: int = Field(max(1, min(8, os.cpu_count() or 1)), ge=1)
+    decode_threads: int = Field(default_factory=default_decode_threads, ge=1, description="default: the pod's CPUs")
     max_pixels: int = Field(40_000_000, ge=1)
     max_payload_bytes: int = Field(20_000_000, ge=1)
     overlap: bool = Field(True, description="decode and collect the next batch while the model runs this one")

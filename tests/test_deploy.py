@@ -2,10 +2,12 @@
 
 The overlays are rendered with ``kustomize`` (or ``kubectl kustomize``) when one is installed; CI has
 neither, so :func:`render` applies the subset of Kustomize the manifests use (resources, namespace,
-labels, images, strategic-merge patches of named list items). Every object is then validated against
-the Kubernetes schemas shipped with ``kubernetes-validate`` (strict: unknown fields fail) or, for the
-custom resources, the trimmed schemas in ``deploy/schemas``; and the values that must agree with the
-worker (probe paths and port, drain deadline, group id, settings names) are checked against the code.
+labels, images, strategic-merge patches of named list items, null deleting a field, patch targets and
+``allowKindChange``, with which the exactly-once overlay turns the Deployment into a StatefulSet). Every
+object is then validated against the Kubernetes schemas shipped with ``kubernetes-validate`` (strict:
+unknown fields fail) or, for the custom resources, the trimmed schemas in ``deploy/schemas``; and the
+values that must agree with the worker (probe paths and port, drain deadline, group id, settings names,
+a stable transactional.id for exactly-once) are checked against the code.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ DEPLOY = ROOT / "deploy"
 K8S_VERSION = "1.30.0"  # the oldest minor still in upstream support when this was written
 CUSTOM = {"ServiceMonitor", "ScaledObject", "TriggerAuthentication"}
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
+WORKLOADS = {"Deployment", "StatefulSet"}
+OVERLAYS = {"cpu": "cpu", "gpu": "gpu", "exactly-once": "gpu"}  # overlay -> image flavour it runs
+EXACTLY_ONCE_ENV = {"SORTER_KAFKA__DELIVERY", "SORTER_KAFKA__TRANSACTIONAL_ID", "SORTER_KAFKA__TRANSACTION_TIMEOUT_MS"}
 MERGE_KEYS = {"containers": "name", "env": "name", "volumes": "name", "volumeMounts": "mountPath", "ports": "name"}
 
 
@@ -39,7 +44,10 @@ def _merge(base, patch, key: str | None = None):
     if isinstance(base, dict) and isinstance(patch, dict):
         out = dict(base)
         for k, v in patch.items():
-            out[k] = _merge(base[k], v, k) if k in base else copy.deepcopy(v)
+            if v is None:  # strategic merge: null deletes the field
+                out.pop(k, None)
+            else:
+                out[k] = _merge(base[k], v, k) if k in base else copy.deepcopy(v)
         return out
     if isinstance(base, list) and isinstance(patch, list) and key in MERGE_KEYS:
         by = MERGE_KEYS[key]
@@ -54,6 +62,12 @@ def _merge(base, patch, key: str | None = None):
     return copy.deepcopy(patch)
 
 
+def _selected(obj: dict, target: dict) -> bool:
+    group, _, version = obj["apiVersion"].rpartition("/")
+    fields = {"group": group, "version": version, "kind": obj["kind"], "name": obj["metadata"]["name"]}
+    return all(re.fullmatch(target[k], v) for k, v in fields.items() if k in target)
+
+
 def render_subset(folder: Path) -> list[dict]:
     k = yaml.safe_load((folder / "kustomization.yaml").read_text())
     objects: list[dict] = []
@@ -65,12 +79,18 @@ def render_subset(folder: Path) -> list[dict]:
             objects += [d for d in yaml.safe_load_all(path.read_text()) if d]
     for patch in k.get("patches", []):
         doc = yaml.safe_load((folder / patch["path"]).read_text())
-        i = next(
-            i
-            for i, o in enumerate(objects)
-            if o["kind"] == doc["kind"] and o["metadata"]["name"] == doc["metadata"]["name"]
-        )
-        objects[i] = _merge(objects[i], doc)
+        target = patch.get("target") or {"kind": doc["kind"], "name": re.escape(doc["metadata"]["name"])}
+        options = patch.get("options", {})
+        hits = [i for i, o in enumerate(objects) if _selected(o, target)]
+        assert hits, f"{folder / patch['path']}: nothing matches {target}"
+        for i in hits:  # like kustomize: apiVersion, and kind and name unless the options allow, stay
+            merged = _merge(objects[i], doc)
+            merged["apiVersion"] = objects[i]["apiVersion"]
+            if not options.get("allowKindChange"):
+                merged["kind"] = objects[i]["kind"]
+            if not options.get("allowNameChange"):
+                merged["metadata"]["name"] = objects[i]["metadata"]["name"]
+            objects[i] = merged
     for image in k.get("images", []):
         for o in objects:
             for c in o.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
@@ -92,18 +112,22 @@ def render(folder: Path) -> list[dict]:
     return render_subset(folder)
 
 
-@pytest.fixture(scope="module", params=["cpu", "gpu"])
+def by_id(objects: list[dict]) -> dict[tuple[str, str], dict]:
+    return {(o["kind"], o["metadata"]["name"]): o for o in objects}
+
+
+@pytest.fixture(scope="module", params=list(OVERLAYS))
 def overlay(request) -> tuple[str, dict[tuple[str, str], dict]]:
-    objects = render(DEPLOY / "overlays" / request.param)
-    return request.param, {(o["kind"], o["metadata"]["name"]): o for o in objects}
+    return request.param, by_id(render(DEPLOY / "overlays" / request.param))
 
 
 def test_every_rendered_object_matches_its_schema(overlay):
     _, objects = overlay
     assert {kind for kind, _ in objects} >= {
-        "Deployment", "ConfigMap", "Service", "ServiceMonitor", "PodDisruptionBudget", "ScaledObject",
-        "TriggerAuthentication", "NetworkPolicy", "ServiceAccount",
+        "ConfigMap", "Service", "ServiceMonitor", "PodDisruptionBudget", "ScaledObject", "TriggerAuthentication",
+        "NetworkPolicy", "ServiceAccount",
     }  # fmt: skip
+    assert workload(objects)["metadata"]["name"] == "sorter"
     for (kind, name), obj in objects.items():
         if kind in CUSTOM:
             schema = json.loads((DEPLOY / "schemas" / f"{kind.lower()}.json").read_text())
@@ -119,14 +143,31 @@ def test_the_schema_check_can_fail():
         kubernetes_validate.validate(bad, K8S_VERSION, strict=True)
 
 
-def settings_from(objects) -> Settings:
-    data = objects[("ConfigMap", "sorter-config")]["data"]
-    return Settings.model_validate(yaml.safe_load(data["settings.yaml"]))
+def workload(objects) -> dict:
+    """The one Deployment or StatefulSet: the worker's pods."""
+    found = [o for (kind, _), o in objects.items() if kind in WORKLOADS]
+    assert len(found) == 1, [(o["kind"], o["metadata"]["name"]) for o in found]
+    return found[0]
 
 
 def container(objects) -> dict:
-    (c,) = objects[("Deployment", "sorter")]["spec"]["template"]["spec"]["containers"]
+    (c,) = workload(objects)["spec"]["template"]["spec"]["containers"]
     return c
+
+
+def settings_from(objects) -> Settings:
+    """What the worker runs with: the ConfigMap's settings.yaml under the env vars that have a literal value
+    (secrets and field references are left out)."""
+    data = yaml.safe_load(objects[("ConfigMap", "sorter-config")]["data"]["settings.yaml"])
+    for e in container(objects)["env"]:
+        if e["name"] == "SORTER_CONFIG" or "value" not in e:
+            continue
+        *sections, field = e["name"].removeprefix("SORTER_").lower().split("__")
+        node = data
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[field] = e["value"]
+    return Settings.model_validate(data)
 
 
 def test_the_configmap_holds_valid_settings_and_a_valid_routing_table(overlay, tmp_path):
@@ -173,7 +214,7 @@ def test_probes_and_ports_match_what_the_worker_serves(overlay):
         p["port"] for rule in objects[("NetworkPolicy", "sorter")]["spec"]["ingress"] for p in rule["ports"]
     ]
     assert ingress_ports == [settings.observe.port]
-    pod_labels = objects[("Deployment", "sorter")]["spec"]["template"]["metadata"]["labels"]
+    pod_labels = workload(objects)["spec"]["template"]["metadata"]["labels"]
     for kind, name in (("Service", "sorter-metrics"), ("PodDisruptionBudget", "sorter"), ("NetworkPolicy", "sorter")):
         spec = objects[(kind, name)]["spec"]
         selector = spec.get("selector", spec.get("podSelector"))
@@ -182,9 +223,10 @@ def test_probes_and_ports_match_what_the_worker_serves(overlay):
 
 
 def test_drain_deadline_security_and_scaling_agree_with_the_worker(overlay):
-    flavour, objects = overlay
+    name, objects = overlay
+    flavour = OVERLAYS[name]
     settings = settings_from(objects)
-    pod = objects[("Deployment", "sorter")]["spec"]["template"]["spec"]
+    pod = workload(objects)["spec"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] > settings.shutdown_deadline_s
     c = container(objects)
     assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] == 10001
@@ -197,10 +239,59 @@ def test_drain_deadline_security_and_scaling_agree_with_the_worker(overlay):
     assert c["image"].endswith(f"-{flavour}")
     scaler = objects[("ScaledObject", "sorter")]["spec"]
     (trigger,) = scaler["triggers"]
-    assert scaler["scaleTargetRef"]["name"] == "sorter"
     assert trigger["metadata"]["consumerGroup"] == settings.kafka.group_id
     assert trigger["metadata"]["bootstrapServers"] == settings.kafka.bootstrap_servers
     assert trigger["metadata"]["allowIdleConsumers"] == "false"  # never more pods than partitions
+
+
+def test_keda_scales_the_workload_the_overlay_renders(overlay):
+    _, objects = overlay
+    w = workload(objects)
+    ref = objects[("ScaledObject", "sorter")]["spec"]["scaleTargetRef"]
+    target = (ref.get("apiVersion", "apps/v1"), ref.get("kind", "Deployment"), ref["name"])  # KEDA's defaults
+    assert target == (w["apiVersion"], w["kind"], w["metadata"]["name"])
+
+
+def test_exactly_once_runs_only_where_a_replaced_pod_keeps_its_transactional_id(overlay):
+    """transactional.id is SORTER_KAFKA__TRANSACTIONAL_ID, else <group id>-<host name>. A StatefulSet pod's host
+    name is its pod name, which its replacement keeps (sorter-0), so the replacement fences the old pod's open
+    transaction; a Deployment's replacement pod has a new random name, and nothing would be fenced."""
+    name, objects = overlay
+    settings = settings_from(objects)
+    assert (settings.kafka.delivery == "exactly-once") == (name == "exactly-once")
+    if settings.kafka.delivery != "exactly-once":
+        return
+    w = workload(objects)
+    assert w["kind"] == "StatefulSet" and w["spec"]["podManagementPolicy"] == "Parallel"
+    assert ("Service", w["spec"]["serviceName"]) in objects
+    pod = w["spec"]["template"]["spec"]
+    assert "hostname" not in pod  # the host name stays the pod name
+    source = next((e for e in container(objects)["env"] if e["name"] == "SORTER_KAFKA__TRANSACTIONAL_ID"), None)
+    if source is None:  # the host name makes the id, and no literal id in the ConfigMap is shared by every pod
+        assert settings.kafka.transactional_id is None
+    else:  # a literal would be one id for all pods (they would fence each other), metadata.uid a new one per pod
+        assert source.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "metadata.name", source
+
+
+def test_the_exactly_once_overlay_is_the_gpu_overlay_as_a_statefulset():
+    gpu = by_id(render(DEPLOY / "overlays" / "gpu"))
+    eo = by_id(render(DEPLOY / "overlays" / "exactly-once"))
+    deployment, statefulset = gpu.pop(("Deployment", "sorter")), eo.pop(("StatefulSet", "sorter"))
+    gpu_scaler, eo_scaler = gpu.pop(("ScaledObject", "sorter")), eo.pop(("ScaledObject", "sorter"))
+    assert eo == gpu  # ConfigMap, Services, ServiceMonitor, PDB, NetworkPolicy, ... untouched
+    eo_scaler["spec"]["scaleTargetRef"] = gpu_scaler["spec"]["scaleTargetRef"]
+    assert eo_scaler == gpu_scaler
+    assert statefulset["metadata"] == deployment["metadata"]
+    for field in ("replicas", "revisionHistoryLimit", "selector"):
+        assert statefulset["spec"][field] == deployment["spec"][field], field
+    assert "strategy" not in statefulset["spec"]
+    template = copy.deepcopy(statefulset["spec"]["template"])
+    (c,) = template["spec"]["containers"]
+    (base,) = deployment["spec"]["template"]["spec"]["containers"]
+    added = {e["name"] for e in c["env"]} - {e["name"] for e in base["env"]}
+    assert "SORTER_KAFKA__DELIVERY" in added and added <= EXACTLY_ONCE_ENV, added
+    c["env"] = [e for e in c["env"] if e["name"] not in added]
+    assert template == deployment["spec"]["template"]  # the same pod, but for the exactly-once settings
 
 
 def test_images_run_as_the_same_non_root_user_and_expose_the_metrics_port():
@@ -231,5 +322,6 @@ def test_the_compose_file_wires_kafka_redis_model_worker_and_simulator():
 
 @pytest.mark.skipif(not os.environ.get("SORTER_TEST_KUSTOMIZE_COMPARE"), reason="needs kustomize on PATH")
 def test_the_subset_renderer_agrees_with_kustomize():  # pragma: no cover - run where kustomize exists
-    for flavour in ("cpu", "gpu"):
-        assert render(DEPLOY / "overlays" / flavour) == render_subset(DEPLOY / "overlays" / flavour)
+    for name in OVERLAYS:  # kustomize sorts its output by kind: compare object by object
+        folder = DEPLOY / "overlays" / name
+        assert by_id(render(folder)) == by_id(render_subset(folder)), name

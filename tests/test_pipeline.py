@@ -1,42 +1,14 @@
 """The batch logic with in-memory fakes at the seams (no broker, no Redis, no real model)."""
 
-from typing import ClassVar
-
 import cv2
 import numpy as np
 import pytest
 
 from sorter.stream.cache import MemoryCache
 from sorter.stream.contracts import RawFrame, Source
-from sorter.stream.inference import Prediction
 from sorter.stream.pipeline import Decoder, Pipeline
 from sorter.stream.routing import RoutingTable
-
-LABELS = ["box", "bottle", "can"]
-
-
-def photo(cls: int, confidence: float) -> bytes:
-    """A solid PNG whose colour encodes what the fake model will say: R = class * 60, G = confidence."""
-    img = np.zeros((48, 64, 3), np.uint8)
-    img[..., 2] = cls * 60  # OpenCV writes BGR: channel 2 is red
-    img[..., 1] = round(confidence * 250)
-    return cv2.imencode(".png", img)[1].tobytes()
-
-
-class FakeModel:
-    input_size = 32
-    model_version = "fake-1"
-
-    def __init__(self):
-        self.seen = 0
-
-    def predict(self, images):
-        self.seen += len(images)
-        out = []
-        for image in images:
-            cls, conf = round(int(image[0, 0, 0]) / 60), image[0, 0, 1] / 250
-            out.append(Prediction(cls, LABELS[cls], f"SKU-{cls}", float(conf)))
-        return out
+from tests.fakes import FakeModel, photo
 
 
 def frame(item, value, *, station="dock-1", offset=0, headers=()):
@@ -134,65 +106,64 @@ def test_bad_frames_become_dead_letters_and_good_ones_still_flow(setup):
     assert all(d.message for d in result.dead_letters)
 
 
-class FlakyProducer:
-    """Stands in for CheckedProducer: the first instance fails fatally at flush, later ones deliver."""
-
-    instances: ClassVar[list["FlakyProducer"]] = []
-
-    def __init__(self, config, on_error=None):
-        self.config = config
-        self.sent: list[tuple[str, bytes]] = []
-        FlakyProducer.instances.append(self)
-
-    def produce(self, topic, value, key, headers=None):
-        self.sent.append((topic, value))
-
-    def flush(self, timeout):
-        from confluent_kafka import KafkaError
-
-        from sorter.stream.kafka import DeliveryError
-
-        if self is FlakyProducer.instances[0]:
-            raise DeliveryError([KafkaError(KafkaError._FENCED, "producer fenced", fatal=True)], fatal=True)
+def _cached(station: str, captured_at: int, sku="SKU-0", label="box", chute="C-00") -> dict:
+    return {
+        "chute": chute,
+        "reason": "classified",
+        "sku": sku,
+        "label": label,
+        "confidence": 0.93,
+        "model_version": "fake-0",
+        "decided_at": captured_at + 50,
+        "station_id": station,
+        "captured_at": captured_at,
+    }
 
 
-def test_a_fatal_producer_error_recreates_the_producer_and_resends_the_whole_batch(setup, monkeypatch):
-    """E.g. an idempotent producer the broker forgot after a restart: recreate, re-send, then commit."""
-    from sorter.settings import load_settings
-    from sorter.stream import worker as worker_module
-
-    pipeline, _, _ = setup
-    monkeypatch.setattr(worker_module, "CheckedProducer", FlakyProducer)
-    FlakyProducer.instances = []
-    w = worker_module.Worker(load_settings(kafka={"bootstrap_servers": "127.0.0.1:9"}), pipeline)
-    result = pipeline.process([frame("a", photo(0, 0.9)), frame("b", photo(1, 0.9), offset=1), frame("c", b"")])
-    w._deliver(result)
-    first, second = FlakyProducer.instances
-    assert len(second.sent) == len(first.sent) == 3  # 2 commands + 1 dead letter, all sent again
-    assert w.producer is second and w.stats.producer_restarts == 1
-    w.consumer.close()
+def test_another_view_of_the_same_pass_is_suppressed_without_the_model(setup):
+    """Same station, captured within the pass window of the decided photo: no second command."""
+    pipeline, model, cache = setup
+    cache.put_many({"a": _cached("dock-1", 1795700000000 - 2_000)})
+    result = pipeline.process([frame("a", photo(1, 0.9))])
+    assert result.commands == [] and result.cache_hits == 1 and model.seen == 0
 
 
-def test_a_failed_batch_stops_later_batches_from_committing_past_it(setup, monkeypatch):
-    """Batch k's delivery fails while k+1 is already in flight: k+1 must not commit (it would skip k)."""
-    from concurrent.futures import Future
+def test_an_item_reaching_another_station_gets_a_command_from_the_cached_decision(setup):
+    """The cache skips the model, not the command: the item is routed at the second station too, by that
+    station's rules, from the cached prediction, and the command says it was cached."""
+    pipeline, model, cache = setup
+    cache.put_many({"a": _cached("dock-1", 1795700000000 - 2_000)})
+    result = pipeline.process([frame("a", photo(1, 0.9), station="dock-2")])
+    assert model.seen == 0 and result.cache_hits == 1
+    (command,) = result.commands
+    assert (command.station_id, command.sku, command.chute, command.reason) == ("dock-2", "SKU-0", "C-00", "classified")
+    assert command.cached and command.confidence == 0.93 and command.model_version == "fake-0"
+    assert result.decisions["a"]["station_id"] == "dock-2"  # the next view at dock-2 is the same pass
 
-    from confluent_kafka import KafkaError
 
-    from sorter.settings import load_settings
-    from sorter.stream import worker as worker_module
-    from sorter.stream.kafka import DeliveryError
+def test_an_item_coming_round_again_gets_a_command_from_the_cached_decision(setup):
+    """Recirculation: the same station, long after the pass that was decided."""
+    pipeline, model, cache = setup
+    cache.put_many({"a": _cached("dock-1", 1795700000000 - 90_000)})
+    result = pipeline.process([frame("a", photo(1, 0.9))])
+    assert model.seen == 0
+    (command,) = result.commands
+    assert command.cached and command.chute == "C-00" and command.station_id == "dock-1"
 
-    pipeline, _, _ = setup
-    monkeypatch.setattr(worker_module, "CheckedProducer", FlakyProducer)
-    w = worker_module.Worker(load_settings(kafka={"bootstrap_servers": "127.0.0.1:9"}), pipeline)
-    committed = []
-    monkeypatch.setattr(w, "_commit", committed.append)
-    failed, later = Future(), Future()
-    failed.set_exception(DeliveryError([KafkaError(KafkaError._MSG_TIMED_OUT, "timed out")], fatal=False))
-    later.set_result((pipeline.process([frame("b", photo(1, 0.9), offset=9)]), 0))
-    w._inflight.extend([worker_module.InFlight(failed, ["k"], 0.0), worker_module.InFlight(later, ["k+1"], 0.0)])
-    with pytest.raises(DeliveryError):
-        w._drain()
-    assert committed == [] and not w._inflight
-    w.consumer.close()
+
+def test_views_of_two_stations_interleaved_give_one_command_per_station_pass(setup):
+    """A late view at A after B was commanded is still A's pass: no second command at A (the cache
+    remembers the last pass per station, not only the last station)."""
+    pipeline, model, cache = setup
+    t0 = 1795700000000
+
+    def view(station, dt):
+        return frame("a", photo(0, 0.9), station=station, headers=(("captured-at", str(t0 + dt).encode()),))
+
+    commands = []
+    for station, dt in [("dock-1", 0), ("dock-2", 4000), ("dock-1", 300), ("dock-2", 4200), ("dock-1", 60_000)]:
+        result = pipeline.process([view(station, dt)])
+        cache.put_many(result.decisions)
+        commands += [(c.station_id, c.cached) for c in result.commands]
+    assert commands == [("dock-1", False), ("dock-2", True), ("dock-1", True)]  # the last: a second lap
+    assert model.seen == 1

@@ -302,7 +302,8 @@ def broker_only(cfg: BenchConfig, frames: Frames, bootstrap: str) -> dict:
     from confluent_kafka import TopicPartition
 
     from sorter.settings import KafkaSettings
-    from sorter.stream.kafka import CheckedProducer, ensure_topics
+    from sorter.stream.delivery import CheckedProducer
+    from sorter.stream.kafka import ensure_topics
 
     prefix = f"broker{uuid.uuid4().hex[:6]}"
     topic = f"{prefix}.frames.s1"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sorter.errors import ConfigError
+from sorter.limits import check_memory
 from sorter.logs import get_logger
 from sorter.settings import Settings
 from sorter.stream.cache import DecisionCache, NoCache, RedisDecisionCache
@@ -58,11 +59,14 @@ def build_pipeline(settings: Settings) -> Pipeline:
         worker_id=settings.worker_id,
         topic_prefix=settings.kafka.topic_prefix,
         max_payload_bytes=b.max_payload_bytes,
+        pass_window_ms=settings.redis.pass_window_ms,
     )
 
 
 def build_worker(settings: Settings, *, create_topics: bool = True, **kwargs) -> Worker:
     pipeline = build_pipeline(settings)
+    memory = check_memory(settings)  # with the model loaded: what is left must hold the frames in flight
+    log.info("worker.limits", decode_threads=settings.batch.decode_threads, **memory)
     wait_for_broker(settings.kafka, settings.kafka.startup_timeout_s)
     if create_topics:
         ensure_topics(settings.kafka, {settings.kafka.commands_topic: 1, settings.kafka.dlq_topic: 1})

@@ -28,6 +28,8 @@ class DecisionCache(Protocol):
     @property
     def available(self) -> bool: ...
 
+    def close(self) -> None: ...
+
 
 class NoCache:
     available = False
@@ -36,6 +38,9 @@ class NoCache:
         return {}
 
     def put_many(self, decisions: Mapping[str, dict]) -> None:
+        return None
+
+    def close(self) -> None:
         return None
 
 
@@ -51,6 +56,9 @@ class MemoryCache:
 
     def put_many(self, decisions: Mapping[str, dict]) -> None:
         self.data.update(decisions)
+
+    def close(self) -> None:
+        return None
 
 
 class RedisDecisionCache:
@@ -126,4 +134,6 @@ class RedisDecisionCache:
         self._succeeded()
 
     def close(self) -> None:
+        """Close the connection pool (on stop)."""
         self.client.close()
+        self.client.connection_pool.disconnect()

@@ -10,10 +10,15 @@ commands in order): JSON of :class:`RoutingCommand`, ``schema_version`` 1.
 
 **Dead letters** (``frames.dlq``): the original key, value and headers, plus ``dlq-*`` headers saying
 why (error class and message), where the frame came from (topic/partition/offset) and which worker.
+A dead letter is always deliverable: one that would not fit ``kafka.dlq_max_bytes`` (or that the client
+or the broker refuses for its size) goes without its payload (``dlq-payload-omitted: true``, with
+``dlq-payload-size`` and ``dlq-payload-sha256`` of the original), and without the original key or
+headers where those alone are too large (``dlq-key-omitted`` / ``dlq-headers-omitted`` say how large).
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -22,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 COMMAND_SCHEMA_VERSION = 1
 ITEM_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$")
-STATION_ID_PATTERN = ITEM_ID_PATTERN
+STATION_ID_PATTERN = CAMERA_ID_PATTERN = ITEM_ID_PATTERN
 # captured-at must fall within these bounds (2000-01-01 .. 2100-01-01, in ms): anything else is a unit
 # mistake (seconds, microseconds) or garbage, and would poison latency metrics.
 MIN_CAPTURED_AT_MS, MAX_CAPTURED_AT_MS = 946_684_800_000, 4_102_444_800_000
@@ -50,13 +55,16 @@ class Source:
 
 @dataclass(frozen=True)
 class RawFrame:
-    """What came off the wire, untouched (a dead letter must carry exactly this)."""
+    """What came off the wire, untouched (a dead letter must carry exactly this). ``header_error`` says
+    why the headers could not be read at all (e.g. a header *name* that is not UTF-8): such a frame is
+    a dead letter (``bad_header``), its headers left out."""
 
     source: Source
     key: bytes | None
     value: bytes | None
     headers: tuple[tuple[str, bytes | None], ...]
     timestamp_ms: int | None = None
+    header_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,8 @@ def station_from_topic(topic: str, prefix: str = "frames.") -> str | None:
 
 def parse_frame(raw: RawFrame, topic_prefix: str = "frames.") -> Frame:
     """Validate a raw frame's metadata; raise :class:`FrameError` with a reason code when it breaks the contract."""
+    if raw.header_error is not None:
+        raise FrameError("bad_header", f"the headers cannot be read: {raw.header_error[:200]}")
     item_id = _header(raw.headers, "item-id")
     if item_id is None and raw.key:
         try:
@@ -121,9 +131,12 @@ def parse_frame(raw: RawFrame, topic_prefix: str = "frames.") -> Frame:
             raise FrameError(
                 "bad_captured_at", f"captured-at {captured_at_ms} is not a plausible epoch-millisecond time"
             )
+    camera_id = _header(raw.headers, "camera-id")
+    if camera_id is not None and not CAMERA_ID_PATTERN.match(camera_id):
+        raise FrameError("bad_camera_id", f"camera id {camera_id[:40]!r} is not 1-128 characters of [A-Za-z0-9._:-]")
     if not raw.value:
         raise FrameError("empty_payload", "the message has no image bytes")
-    return Frame(raw, item_id, station_id, _header(raw.headers, "camera-id"), captured_at_ms)
+    return Frame(raw, item_id, station_id, camera_id, captured_at_ms)
 
 
 class CommandSource(BaseModel):
@@ -152,22 +165,76 @@ class RoutingCommand(BaseModel):
     source: CommandSource
     worker_id: str
     frames: int = Field(1, description="frames of this item that the decision used")
+    cached: bool = Field(False, description="decided earlier (another station or pass), reused without the model")
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json().encode()
 
 
-def dead_letter_headers(
-    raw: RawFrame, reason: str, error: str, message: str, worker_id: str
-) -> list[tuple[str, bytes]]:
-    """The frame's own headers, then ``dlq-*`` headers saying why, where from and which worker."""
-    extra = {
+@dataclass(frozen=True)
+class DeadLetterMessage:
+    """A dead letter as it goes on the wire; ``smaller`` is the same without what makes it large."""
+
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]]
+    smaller: DeadLetterMessage | None = None
+
+    @property
+    def size(self) -> int:
+        return wire_size(self.key, self.value, self.headers)
+
+
+def wire_size(key: bytes | None, value: bytes | None, headers) -> int:
+    """Bytes of key, value and headers (names as UTF-8): what the client's and the broker's limits count."""
+    return (
+        len(key or b"")
+        + len(value or b"")
+        + sum(len(k.encode("utf-8", "surrogateescape")) + len(v or b"") for k, v in headers)
+    )
+
+
+KEY_KEPT_BYTES = 1024  # a key larger than this is not an item id: a slim dead letter goes without it
+
+
+def dead_letter(raw: RawFrame, reason: str, error: str, message: str, worker_id: str, max_bytes: int):
+    """The dead letter for ``raw``, as the largest of three forms that fits ``max_bytes``:
+
+    1. full: the original key, value and headers plus the ``dlq-*`` headers;
+    2. slim: the payload omitted (its size and SHA-256 said), a key over 1 KB omitted, the original
+       headers kept if they fit;
+    3. minimal: only the ``dlq-*`` headers (and the key if small): a few KB, whatever the frame was.
+
+    Each form carries the next as ``smaller``, for when the client or the broker refuses it for its size
+    anyway (a topic's ``max.message.bytes`` below ``max_bytes``)."""
+    why = {
         "dlq-reason": reason,
         "dlq-error-class": error,
         "dlq-error-message": message[:1000],
-        "dlq-source-topic": raw.source.topic,
+        "dlq-source-topic": raw.source.topic[:300],
         "dlq-source-partition": str(raw.source.partition),
         "dlq-source-offset": str(raw.source.offset),
-        "dlq-worker-id": worker_id,
+        "dlq-worker-id": worker_id[:300],
     }
-    return [(k, v if v is not None else b"") for k, v in raw.headers] + [(k, v.encode()) for k, v in extra.items()]
+    if raw.header_error is not None:
+        why["dlq-headers-omitted"] = f"unreadable: {raw.header_error[:200]}"
+    own = [(k, v if v is not None else b"") for k, v in raw.headers]
+    dlq = [(k, v.encode()) for k, v in why.items()]
+    value = raw.value or b""
+    notes = [
+        ("dlq-payload-omitted", b"true"),
+        ("dlq-payload-size", str(len(value)).encode()),
+        ("dlq-payload-sha256", hashlib.sha256(value).hexdigest().encode()),
+    ]
+    key = raw.key
+    if key is not None and len(key) > KEY_KEPT_BYTES:
+        notes.append(("dlq-key-omitted", f"{len(key)} bytes".encode()))
+        key = None
+    dropped = f"{len(own)} headers, {wire_size(None, None, own)} bytes".encode()
+    minimal = DeadLetterMessage(key, b"", dlq + notes + ([("dlq-headers-omitted", dropped)] if own else []))
+    slim = DeadLetterMessage(key, b"", own + dlq + notes, minimal) if own else minimal
+    full = DeadLetterMessage(raw.key, value, own + dlq, slim)
+    for form in (full, slim, minimal):
+        if form.size <= max_bytes:
+            return form
+    return minimal

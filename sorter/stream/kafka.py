@@ -1,14 +1,15 @@
-"""A thin typed layer over confluent-kafka: client configs, message conversion, a producer that
-raises delivery failures instead of logging and forgetting them, topic creation."""
+"""A thin typed layer over confluent-kafka: client configs built from ``KafkaSettings``, where clients come
+from (:class:`KafkaClients`, the seam unit tests use for in-memory fakes), message conversion, waiting for
+the broker at start-up, topic creation. Producing and committing: ``delivery.py``."""
 
 from __future__ import annotations
 
-import contextlib
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from sorter.errors import SorterError
@@ -17,20 +18,6 @@ from sorter.settings import KafkaSettings
 from sorter.stream.contracts import RawFrame, Source
 
 log = get_logger("sorter.kafka")
-
-
-class DeliveryError(SorterError):
-    """Messages the broker did not acknowledge; the batch must not be committed."""
-
-    def __init__(self, errors: list[KafkaError], fatal: bool) -> None:
-        first = errors[0] if errors else None
-        super().__init__(
-            f"{len(errors)} message(s) not delivered"
-            + (f": {first}" if first else "")
-            + (" (fatal producer error)" if fatal else "")
-        )
-        self.errors = errors
-        self.fatal = fatal
 
 
 def consumer_config(s: KafkaSettings) -> dict[str, object]:
@@ -43,6 +30,7 @@ def consumer_config(s: KafkaSettings) -> dict[str, object]:
         "session.timeout.ms": s.session_timeout_ms,
         "max.poll.interval.ms": s.max_poll_interval_ms,
         "fetch.wait.max.ms": s.fetch_wait_max_ms,
+        "partition.assignment.strategy": s.assignment_strategy,
         "topic.metadata.refresh.interval.ms": s.metadata_refresh_ms,
         "log.connection.close": False,  # idle-connection closes are routine, not news
         # exactly-once: never read what a rolled-back transaction wrote (frames from transactional cameras)
@@ -57,152 +45,47 @@ def producer_config(s: KafkaSettings) -> dict[str, object]:
         "enable.idempotence": True,  # no duplicates from the producer's own retries
         "acks": "all",
         "linger.ms": 2,
-        "message.timeout.ms": 30_000,
+        "message.timeout.ms": s.message_timeout_ms,
         "log.connection.close": False,
         **s.client_config(),
     }
 
 
+def transactional_producer_config(s: KafkaSettings, transactional_id: str) -> dict[str, object]:
+    """Exactly-once: a stable ``transactional.id`` and a short ``transaction.timeout.ms``, so a transaction a
+    dead worker left open blocks read_committed readers for seconds, not the minute librdkafka defaults to
+    (librdkafka requires ``message.timeout.ms`` <= ``transaction.timeout.ms``)."""
+    return producer_config(s) | {
+        "transactional.id": transactional_id,
+        "transaction.timeout.ms": s.transaction_timeout_ms,
+        "message.timeout.ms": min(s.message_timeout_ms, s.transaction_timeout_ms),
+    }
+
+
+@dataclass(frozen=True)
+class KafkaClients:
+    """Where the worker's clients come from: confluent-kafka's, unless a test hands in fakes that speak the
+    same API (``tests/fakes.py``: rebalance callbacks inside ``consume()``, size limits, outages)."""
+
+    consumer: Callable[[dict], Any] = Consumer
+    producer: Callable[[dict], Any] = Producer
+
+
 def to_raw(message: Message) -> RawFrame:
+    """The message as a :class:`RawFrame`. Never raises: headers confluent-kafka cannot decode (a header
+    *name* that is not UTF-8 raises inside ``headers()``) make a frame with ``header_error`` set."""
+    source = Source(message.topic(), message.partition(), message.offset())
     ts_type, ts = message.timestamp()
-    headers = tuple((k, v) for k, v in (message.headers() or []))
-    return RawFrame(
-        Source(message.topic(), message.partition(), message.offset()),
-        message.key(),
-        message.value(),
-        headers,
-        ts if ts_type else None,
-    )
-
-
-class CheckedProducer:
-    """confluent-kafka Producer that collects delivery errors and raises them at ``flush``.
-
-    A fatal error (e.g. an idempotent producer the broker no longer knows after a restart) is reported
-    as such, so the caller can recreate the producer and re-send the batch.
-    """
-
-    def __init__(self, config: dict[str, object], on_error: Callable[[KafkaError], None] | None = None) -> None:
-        self.config = config
-        self.on_error = on_error
-        self._errors: list[KafkaError] = []
-        self._fatal = False
-        self._lock = threading.Lock()
-        self._producer = Producer({**config, "error_cb": self._on_error})
-
-    def _on_error(self, err: KafkaError) -> None:
-        if self.on_error is not None:
-            self.on_error(err)
-        if err.fatal():
-            with self._lock:
-                self._fatal = True
-                self._errors.append(err)
-        log.warning("kafka.producer_error", error=str(err), fatal=err.fatal())
-
-    def _on_delivery(self, err: KafkaError | None, _msg: Message) -> None:
-        if err is not None:
-            with self._lock:
-                self._errors.append(err)
-                self._fatal = self._fatal or err.fatal()
-
-    def produce(
-        self,
-        topic: str,
-        value: bytes,
-        key: bytes | None,
-        headers: Sequence[tuple[str, bytes | None]] | None = None,
-        partition: int | None = None,
-    ) -> None:
-        extra = {} if partition is None else {"partition": partition}
-        while True:
-            try:
-                self._producer.produce(
-                    topic, value=value, key=key, headers=list(headers or []), on_delivery=self._on_delivery, **extra
-                )
-                break
-            except BufferError:  # local queue full: serve delivery reports, then retry
-                self._producer.poll(0.1)
-            except KafkaException as exc:
-                err = exc.args[0]
-                with self._lock:
-                    self._errors.append(err)
-                    self._fatal = self._fatal or err.fatal()
-                raise DeliveryError(list(self._errors), self._fatal) from exc
-        self._producer.poll(0)
-
-    def _take_errors(self) -> tuple[list[KafkaError], bool]:
-        """The delivery errors collected since the last call, and whether any was fatal."""
-        with self._lock:
-            errors, fatal = list(self._errors), self._fatal
-            self._errors.clear()
-        return errors, fatal
-
-    def flush(self, timeout: float) -> None:
-        remaining = self._producer.flush(timeout)
-        errors, fatal = self._take_errors()
-        if remaining:
-            errors.append(
-                KafkaError(KafkaError._MSG_TIMED_OUT, f"{remaining} message(s) still queued after {timeout} s")
-            )
-        if errors:
-            raise DeliveryError(errors, fatal)
-
-    def close(self) -> None:
-        """Destroy the client now (flush first): no reconnect attempts linger after a stop."""
-        self._producer = None
-
-    @property
-    def fatal(self) -> bool:
-        return self._fatal
+    try:
+        headers = tuple((k, v) for k, v in (message.headers() or []))
+        error = None
+    except Exception as exc:  # e.g. SystemError from a UnicodeDecodeError in the C extension
+        headers, error = (), f"{type(exc).__name__}: {exc.__cause__ or exc}"
+    return RawFrame(source, message.key(), message.value(), headers, ts if ts_type else None, error)
 
 
 def admin_config(s: KafkaSettings) -> dict[str, object]:
     return {"bootstrap.servers": s.bootstrap_servers, **s.client_config()}
-
-
-class TransactionAborted(SorterError):
-    """The batch's transaction was rolled back: nothing of it is visible; re-read it from its offsets."""
-
-
-class TransactionalProducer(CheckedProducer):
-    """Exactly-once delivery: each batch's commands, dead letters and consumed offsets commit as one
-    transaction (``send_offsets_to_transaction`` with the consumer's group metadata, KIP-447), so a
-    read_committed reader sees every batch once or not at all.
-
-    Errors, as the librdkafka transactions guide splits them: retriable -> retry the call; abortable ->
-    abort the transaction and raise :class:`TransactionAborted` (the caller rewinds); fatal (e.g. fenced
-    by a newer instance) -> raise, the caller recreates the producer."""
-
-    def __init__(self, config: dict[str, object], on_error=None, *, timeout_s: float = 30.0) -> None:
-        super().__init__(config, on_error)
-        self.timeout_s = timeout_s
-        self._producer.init_transactions(timeout_s)
-
-    def _call(self, fn, *args) -> None:
-        for _ in range(5):
-            try:
-                fn(*args)
-                return
-            except KafkaException as exc:
-                err = exc.args[0]
-                if err.retriable():
-                    continue
-                if err.txn_requires_abort():
-                    with contextlib.suppress(KafkaException):
-                        self._producer.abort_transaction(self.timeout_s)
-                    raise TransactionAborted(f"transaction aborted: {err}") from exc
-                raise DeliveryError([err], err.fatal()) from exc
-        raise TransactionAborted(f"{getattr(fn, '__name__', fn)} kept failing with retriable errors")
-
-    def begin(self) -> None:
-        self._call(self._producer.begin_transaction)
-
-    def commit(self, offsets: list, group_metadata) -> None:
-        self._call(self._producer.send_offsets_to_transaction, offsets, group_metadata, self.timeout_s)
-        self._call(self._producer.commit_transaction, self.timeout_s)
-        errors, fatal = self._take_errors()
-        if errors:  # cannot happen after a successful commit, but never ignore a delivery error
-            raise DeliveryError(errors, fatal)
 
 
 class BrokerUnreachable(SorterError):

@@ -4,12 +4,14 @@
 - ``/livez``: 200 while the loop makes progress: a batch finished, or an idle poll returned, within
   ``liveness_timeout_s``. A batch stuck in the model longer than that is *not* live, even though the
   consumer keeps its group membership meanwhile: a restart is the cure for a wedged model;
-- ``/readyz``: 200 when the model is loaded, partitions are assigned and a broker is reachable (from
-  librdkafka's statistics: at least one broker connection ``UP``). A pod that owns no partition is not
-  ready: it serves nothing. The body says which condition failed.
+- ``/readyz``: 200 when the model is loaded, partitions are assigned, a broker is reachable (from
+  librdkafka's statistics: at least one broker connection ``UP``) and no batch is waiting for the broker
+  to take its commands. A pod that owns no partition is not ready: it serves nothing. The body says
+  which condition failed.
 
 Counters are updated once per batch by the worker (no per-frame locking); values that live elsewhere
-(consumer lag, Redis errors, partitions owned) are read when Prometheus scrapes.
+(consumer lag, Redis errors, partitions owned) are read when Prometheus scrapes, through the small
+:class:`WorkerView` protocol: this module does not know the worker.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -28,8 +30,8 @@ from prometheus_client.registry import Collector
 from sorter.logs import get_logger
 
 if TYPE_CHECKING:
+    from sorter.stream.accounting import WorkerStats
     from sorter.stream.pipeline import BatchResult
-    from sorter.stream.worker import Worker
 
 log = get_logger("sorter.observe")
 
@@ -92,10 +94,35 @@ class Metrics:
                 self.latency.observe(max(0.0, (delivered_ms - c.captured_at) / 1000))
 
 
+class WorkerView(Protocol):
+    """What the health endpoints and the scrape-time metrics read of a running worker."""
+
+    stats: WorkerStats
+    health: Health
+    metrics: Metrics
+    last_progress: float
+
+    @property
+    def assigned(self) -> Collection[tuple[str, int]]: ...
+
+    @property
+    def stopping(self) -> bool: ...
+
+    @property
+    def blocked_s(self) -> float | None:
+        """Seconds the batch in hand has waited for the broker to take its messages (None: not waiting)."""
+
+    @property
+    def cache_up(self) -> bool: ...
+
+    @property
+    def cache_errors(self) -> int: ...
+
+
 class WorkerCollector(Collector):
     """Read at scrape time from the worker's own state."""
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: WorkerView) -> None:
         self.worker = worker
 
     def collect(self) -> Iterator:
@@ -113,11 +140,29 @@ class WorkerCollector(Collector):
             value=time.monotonic() - w.last_progress,
         )
         yield GaugeMetricFamily("sorter_broker_up", "1 if a broker connection is up", value=float(w.health.broker_up))
-        yield GaugeMetricFamily("sorter_cache_up", "1 if Redis answers", value=float(w.pipeline.cache.available))
-        yield CounterMetricFamily(
-            "sorter_redis_errors", "Redis calls that failed", value=getattr(w.pipeline.cache, "errors", 0)
-        )
+        yield GaugeMetricFamily("sorter_cache_up", "1 if Redis answers", value=float(w.cache_up))
+        yield CounterMetricFamily("sorter_redis_errors", "Redis calls that failed", value=w.cache_errors)
         yield CounterMetricFamily("sorter_producer_restarts", "producers recreated", value=w.stats.producer_restarts)
+        yield GaugeMetricFamily(
+            "sorter_delivery_blocked_seconds",
+            "how long the batch in hand has waited for the broker to take its messages (0: not waiting)",
+            value=w.blocked_s or 0.0,
+        )
+        yield CounterMetricFamily(
+            "sorter_delivery_retries",
+            "times a batch's undelivered messages were sent again",
+            value=w.stats.delivery_retries,
+        )
+        yield CounterMetricFamily(
+            "sorter_frames_dropped_on_revoke",
+            "frames collected from a partition that was then revoked (read again by its new owner)",
+            value=w.stats.revoked_dropped,
+        )
+        yield CounterMetricFamily(
+            "sorter_batches_unfinished",
+            "batches given up at the shutdown deadline (read again)",
+            value=w.stats.unfinished_batches,
+        )
         yield CounterMetricFamily(
             "sorter_slow_batches", "batches that needed the keep-alive", value=w.stats.slow_batches
         )
@@ -148,19 +193,23 @@ class Health:
         self.lag = lag
 
 
-def readiness(worker: Worker) -> list[str]:
+def readiness(worker: WorkerView) -> list[str]:
     """What keeps the worker from being ready (empty: ready)."""
     problems = []
     if not worker.assigned:
         problems.append("no partitions assigned")
     if not worker.health.broker_up:
         problems.append("no broker reachable" if worker.health.seen_stats else "no broker statistics yet")
-    if worker.stop_event.is_set():
+    if worker.blocked_s is not None:
+        problems.append(f"commands not delivered for {worker.blocked_s:.0f} s: waiting for the broker")
+    if worker.stopping:
         problems.append("stopping")
     return problems
 
 
-def liveness(worker: Worker, timeout_s: float) -> list[str]:
+def liveness(worker: WorkerView, timeout_s: float) -> list[str]:
+    if worker.blocked_s is not None:  # waiting for the broker, retrying: alive (a restart would not help)
+        return []
     stalled = time.monotonic() - worker.last_progress
     return [f"no progress for {stalled:.1f} s (limit {timeout_s} s)"] if stalled > timeout_s else []
 
@@ -168,7 +217,7 @@ def liveness(worker: Worker, timeout_s: float) -> list[str]:
 class ObservabilityServer:
     """``/metrics``, ``/livez``, ``/readyz`` on ``host:port`` in a daemon thread."""
 
-    def __init__(self, worker: Worker, host: str, port: int, liveness_timeout_s: float) -> None:
+    def __init__(self, worker: WorkerView, host: str, port: int, liveness_timeout_s: float) -> None:
         registry = worker.metrics.registry
         registry.register(WorkerCollector(worker))
 

@@ -3,17 +3,21 @@
 No Kafka here: the worker feeds raw frames in and produces what comes out, so this logic is tested
 with in-memory fakes, and a replay can drive it without a broker.
 
-Policy for several frames of one item (several cameras, or a photo retaken):
-1. an item already decided (in the decision cache) gets no second command: its frames are skipped
-   and counted as cache hits, without running the model;
-2. frames of one item in the same batch are all classified, and the most confident one decides (one
-   command, ``frames`` says how many were used);
+Policy for several frames of one item (several cameras, a photo retaken, a second station, a second lap):
+1. an item already decided (in the decision cache) never runs the model again. The cache skips the model,
+   not the command: a frame of the same *pass* (same station, captured within ``pass_window_ms`` of the
+   decided photo) gets no second command; a frame at another station, or at the same station in a later
+   pass (recirculation), gets a command built from the cached prediction by that station's rules,
+   marked ``cached: true``. Either way the frame counts as a cache hit;
+2. frames of one item at one station in the same batch are all classified, and the most confident one
+   decides (one command, ``frames`` says how many were used);
 3. a frame that breaks the contract or cannot be decoded goes to the dead-letter topic with a reason;
    the item's other frames still decide.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -87,8 +91,8 @@ class Decoder:
         """Start decoding now; the result (array or FrameDecodeError) is picked up later."""
         return self.pool.submit(self._one, payload, size)
 
-    def close(self) -> None:
-        self.pool.shutdown(wait=True)
+    def close(self, wait: bool = True) -> None:
+        self.pool.shutdown(wait=wait, cancel_futures=not wait)
 
 
 class Pipeline:
@@ -102,6 +106,7 @@ class Pipeline:
         worker_id: str,
         topic_prefix: str = "frames.",
         max_payload_bytes: int = 20_000_000,
+        pass_window_ms: int = 10_000,
         clock_ms: Callable[[], int] = now_ms,
     ) -> None:
         self.model = model
@@ -111,7 +116,13 @@ class Pipeline:
         self.worker_id = worker_id
         self.topic_prefix = topic_prefix
         self.max_payload_bytes = max_payload_bytes
+        self.pass_window_ms = pass_window_ms
         self.clock_ms = clock_ms
+
+    def close(self, wait: bool = True) -> None:
+        """Stop the decode threads and close the cache's connections (``wait=False``: a batch was given up)."""
+        self.decoder.close(wait)
+        self.cache.close()
 
     def _dead(self, result: BatchResult, raw: RawFrame, reason: str, exc: Exception) -> None:
         result.dead_letters.append(DeadLetter(raw, reason, type(exc).__name__, str(exc)))
@@ -144,6 +155,13 @@ class Pipeline:
         known = self.cache.get_many(list(dict.fromkeys(f.item_id for f in frames)))
         fresh = [f for f in frames if f.item_id not in known]
         result.cache_hits = len(frames) - len(fresh)
+        again: dict[tuple[str, str], list[Frame]] = defaultdict(list)  # decided before, not in this pass
+        for f in frames:
+            if f.item_id in known and not self._same_pass(known[f.item_id], f):
+                again[(f.item_id, f.station_id)].append(f)
+        decided_at = self.clock_ms()
+        for (item_id, _), views in again.items():
+            self._reuse(result, known[item_id], views, decided_at)
 
         started = time.perf_counter()  # with predecoding: the time spent waiting for the decoders
         if predecoded is None:
@@ -163,36 +181,90 @@ class Pipeline:
         result.infer_s = time.perf_counter() - started
         result.classified = len(predictions)
 
-        by_item: dict[str, list[tuple[Frame, Prediction]]] = defaultdict(list)
+        by_item: dict[tuple[str, str], list[tuple[Frame, Prediction]]] = defaultdict(list)
         for (frame, _), prediction in zip(ok, predictions, strict=True):
-            by_item[frame.item_id].append((frame, prediction))
+            by_item[(frame.item_id, frame.station_id)].append((frame, prediction))
         decided_at = self.clock_ms()
-        for item_id, candidates in by_item.items():
-            frame, best = max(candidates, key=lambda c: c[1].confidence)
-            decision = decide(self.routes, frame.station_id, best.sku, best.label, best.confidence)
-            command = RoutingCommand(
-                item_id=item_id,
-                station_id=frame.station_id,
-                camera_id=frame.camera_id,
-                sku=best.sku,
-                label=best.label,
-                confidence=round(best.confidence, 6),
-                chute=decision.chute,
-                reason=decision.reason,
-                model_version=self.model.model_version,
-                captured_at=frame.captured_at_ms,
-                decided_at=decided_at,
-                source=CommandSource(**frame.raw.source.as_dict()),
-                worker_id=self.worker_id,
-                frames=len(candidates),
-            )
-            result.commands.append(command)
-            result.decisions[item_id] = {
-                "chute": command.chute,
-                "reason": command.reason,
-                "sku": command.sku,
-                "confidence": command.confidence,
-                "model_version": command.model_version,
-                "decided_at": decided_at,
-            }
+        for candidates in by_item.values():
+            frame, best = max(candidates, key=lambda c: _finite(c[1].confidence))
+            confidence = round(_finite(best.confidence), 6)  # a NaN from the model goes to review, never a chute
+            decision = decide(self.routes, frame.station_id, best.sku, best.label, confidence)
+            self._command(
+                result, frame, best.sku, best.label, confidence, decision, self.model.model_version,
+                decided_at, frames=len(candidates), cached=False, passes={},
+            )  # fmt: skip
         return result
+
+    @staticmethod
+    def _passes(cached: dict) -> dict[str, int] | None:
+        """Station -> time of the last pass commanded there (capture time, else decision time)."""
+        if "passes" in cached:
+            return dict(cached["passes"])
+        if cached.get("station_id"):  # an entry of one station only
+            return {cached["station_id"]: cached.get("captured_at") or cached.get("decided_at", 0)}
+        return None
+
+    def _same_pass(self, cached: dict, frame: Frame) -> bool:
+        """Is ``frame`` another view of a pass already commanded at its station? Same station, captured
+        within ``pass_window_ms`` of that pass's photo (the time now where a frame has no capture time)."""
+        passes = self._passes(cached)
+        if passes is None:  # remembered before stations were: as it was then, suppress
+            return True
+        then = passes.get(frame.station_id)
+        if then is None:
+            return False
+        return abs((frame.captured_at_ms or self.clock_ms()) - then) <= self.pass_window_ms
+
+    def _reuse(self, result: BatchResult, cached: dict, views: list[Frame], decided_at: int) -> None:
+        """A command from a cached prediction, by the rules of the station the item is at now."""
+        frame = views[0]
+        confidence = _finite(float(cached.get("confidence", 0.0)))
+        sku, label = cached.get("sku"), cached.get("label")
+        decision = decide(self.routes, frame.station_id, sku, label, confidence)
+        version = str(cached.get("model_version", self.model.model_version))
+        self._command(
+            result, frame, sku, label, confidence, decision, version, decided_at, len(views), cached=True,
+            passes=self._passes(cached) or {},
+        )  # fmt: skip
+
+    def _command(self, result, frame, sku, label, confidence, decision, version, decided_at, frames, *, cached,
+                 passes: dict[str, int]):  # fmt: skip
+        command = RoutingCommand(
+            item_id=frame.item_id,
+            station_id=frame.station_id,
+            camera_id=frame.camera_id,
+            sku=sku,
+            label=label,
+            confidence=confidence,
+            chute=decision.chute,
+            reason=decision.reason,
+            model_version=version,
+            captured_at=frame.captured_at_ms,
+            decided_at=decided_at,
+            source=CommandSource(**frame.raw.source.as_dict()),
+            worker_id=self.worker_id,
+            frames=frames,
+            cached=cached,
+        )
+        result.commands.append(command)
+        earlier = result.decisions.get(frame.item_id, {}).get("passes", {})  # another station, this batch
+        passes = {**passes, **earlier, frame.station_id: command.captured_at or decided_at}
+        result.decisions[frame.item_id] = {
+            "chute": command.chute,
+            "reason": command.reason,
+            "sku": command.sku,
+            "label": command.label,
+            "confidence": command.confidence,
+            "model_version": command.model_version,
+            "decided_at": decided_at,
+            "station_id": command.station_id,
+            "captured_at": command.captured_at,
+            "passes": dict(sorted(passes.items(), key=lambda kv: kv[1])[-MAX_PASSES:]),
+        }
+
+
+MAX_PASSES = 16  # stations remembered per item (the most recent passes)
+
+
+def _finite(confidence: float) -> float:
+    return confidence if math.isfinite(confidence) else 0.0

@@ -1,61 +1,126 @@
-"""The Kafka loop: consume a micro-batch, run the pipeline, deliver, remember, commit. Repeat.
+"""The Kafka loop: collect a micro-batch, hand it to the helper thread, finish the one before it. Repeat.
 
-At-least-once, in numbered steps per batch:
+Per batch (delivery's own numbered steps are in ``delivery.py``):
 
 1. collect up to ``batch.max_size`` frames, waiting at most ``batch.max_wait_ms`` after the first;
    start decoding them at once in the decode thread pool;
 2. on the helper thread (one, so batches run in order): run the pipeline (cache lookup, wait for the
-   decoders, model, routing) and steps 3-4. With ``batch.overlap`` the main thread meanwhile collects
-   and starts decoding the next batch, so consuming, decoding and inference overlap;
-3. produce routing commands (key = station) and dead letters, then flush: any delivery failure is
-   raised; a fatal producer error recreates the producer and re-sends the batch;
-4. store the batch's decisions in the cache (only now: a decision remembered before its command was
-   delivered could lose the command after a crash; and the next batch's lookup runs after this);
-5. back on the main thread, commit ``offset + 1`` per partition still assigned, synchronously.
+   decoders, model, routing), deliver its commands and dead letters, then remember its decisions in the
+   cache. With ``batch.overlap`` the main thread meanwhile collects and starts decoding the next batch;
+3. back on the main thread, commit ``offset + 1`` per partition still owned.
 
-If waiting for a batch takes longer than a third of ``max.poll.interval.ms`` (a slow model, a stalled
-broker), the main thread pauses the assigned partitions and keeps polling until it is done, so the
-group does not evict the consumer; anything a poll returns meanwhile is kept for the next batch.
+Rules that keep every frame routed exactly where it should be:
 
-A crash anywhere before step 5 re-delivers the batch: commands may repeat (actuators drop them by
-``item_id``), none is lost. Rebalances happen inside ``consume``/``poll``: on revocation the batches in
-flight are finished and committed first, while the partitions are still ours (no repeats for their new
-owner); frames of revoked partitions collected but not started are dropped deliberately (the new owner
-reads them). SIGTERM/SIGINT only set a flag: the loop finishes the batches in hand, commits and
-closes, within ``shutdown_deadline_s``.
+- **Rebalances** run inside ``consume``/``poll`` (librdkafka calls the callbacks there). On revocation the
+  batches in flight are finished and committed first, while the partitions are still ours; frames of
+  the revoked partitions that were collected but not started are dropped from the batch being collected
+  (their new owner, or we again, read them from the committed offset). Only those: frames fetched after
+  the partitions come back in the same ``consume`` call are kept. The assignment is
+  ``cooperative-sticky`` by default: station topics spread across the group, and a member joining or
+  leaving moves only the partitions that change owner (the others keep flowing).
+- **A failed batch** (its commands could not be delivered and waiting would not help) stops every later
+  batch from sending anything and from committing: the worker stops, and after the restart the failed
+  batch is read again first, so a station's commands keep their order.
+- **A slow batch** (longer than a third of ``max.poll.interval.ms``: a stalled model, a broker outage)
+  does not get the worker evicted: the main thread pauses the partitions and keeps polling; anything a
+  poll returns meanwhile is kept for the next batch.
+- **Stop** (SIGTERM/SIGINT, ``stop_event``) only sets a flag: the loop finishes the batches in hand,
+  commits and closes, all within ``shutdown_deadline_s``. A batch still unfinished at 80% of it (a wedged
+  model, a broker that does not come back) is given up uncommitted (read again after the restart), the
+  decode pool and the cache's connections are closed, and ``run`` returns.
+
+A crash anywhere before step 3 re-delivers the batch: commands may repeat (actuators drop them by
+``item_id``), none is lost.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
+import queue
 import signal
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_for
+from dataclasses import dataclass
 
-from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import KafkaError, Message, TopicPartition
 
 from sorter.logs import get_logger
 from sorter.settings import Settings
-from sorter.stream.contracts import RawFrame, dead_letter_headers
-from sorter.stream.kafka import (
-    CheckedProducer,
-    DeliveryError,
+from sorter.stream.accounting import Accounting, WorkerStats
+from sorter.stream.contracts import RawFrame
+from sorter.stream.delivery import (
+    AtLeastOnce,
+    DeliveryInterrupted,
+    ExactlyOnce,
     TransactionAborted,
-    TransactionalProducer,
-    consumer_config,
-    producer_config,
-    to_raw,
+    next_offsets,
+    outgoing,
+    rewind,
+    transactional_id,
 )
+from sorter.stream.kafka import KafkaClients, consumer_config, producer_config, to_raw, transactional_producer_config
 from sorter.stream.observe import Health, Metrics, ObservabilityServer
 from sorter.stream.pipeline import BatchResult, Pipeline, now_ms
 
 log = get_logger("sorter.worker")
+
+DRAIN_SHARE = 0.8  # of shutdown_deadline_s for finishing batches; the rest is for closing the clients
+
+
+class StopSignal(threading.Event):
+    """The worker's stop flag. It remembers when it was set, so every wait can keep to one deadline."""
+
+    def __init__(self, grace_s: float) -> None:
+        super().__init__()
+        self.grace_s = grace_s
+        self.at: float | None = None
+
+    def set(self) -> None:
+        if self.at is None:
+            self.at = time.monotonic()
+        super().set()
+
+    def left(self, share: float = 1.0) -> float | None:
+        """Seconds left of ``share`` of the grace period (None: no stop requested)."""
+        return None if self.at is None else self.at + self.grace_s * share - time.monotonic()
+
+    def drain_over(self) -> bool:
+        left = self.left(DRAIN_SHARE)
+        return left is not None and left <= 0
+
+
+class BatchSkipped(Exception):
+    """An earlier batch failed: this one must not send anything (it is read again after the restart)."""
+
+
+class SerialRunner:
+    """Runs calls one at a time, in order, on one daemon thread: a model wedged past the shutdown deadline
+    cannot hold the process open at exit (the standard thread pools join their threads at exit)."""
+
+    def __init__(self, name: str) -> None:
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._loop, name=name, daemon=True).start()
+
+    def submit(self, fn: Callable, *args) -> Future:
+        future: Future = Future()
+        self._calls.put((future, fn, args))
+        return future
+
+    def _loop(self) -> None:
+        while (call := self._calls.get()) is not None:
+            future, fn, args = call
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as exc:
+                    future.set_exception(exc)
+
+    def shutdown(self) -> None:
+        self._calls.put(None)
 
 
 @dataclass
@@ -64,25 +129,7 @@ class InFlight:
     messages: list[Message]
     started: float
     finished: bool = False
-
-
-@dataclass
-class WorkerStats:
-    batches: int = 0
-    frames: int = 0
-    commands: int = 0
-    dead_letters: Counter = field(default_factory=Counter)
-    cache_hits: int = 0
-    producer_restarts: int = 0
-    revoked_dropped: int = 0
-    slow_batches: int = 0
-    aborted_batches: int = 0
-
-
-def _best_effort_id(raw: RawFrame, header: str, fallback: bytes | None) -> str | None:
-    """An id for the log line of a frame that broke the contract (so ops can grep it), never raising."""
-    value = next((v for k, v in reversed(raw.headers) if k == header and v), None) or fallback
-    return value.decode("utf-8", "replace")[:128] if value else None
+    commit: bool = True  # False once its partitions were lost: offsets not ours to commit
 
 
 def _failpoints() -> dict[str, float]:
@@ -96,82 +143,131 @@ def _failpoints() -> dict[str, float]:
     return out
 
 
-def _next_offsets(messages: list[Message]) -> list[TopicPartition]:
-    """``offset + 1`` of the last message per partition: what a commit of these messages stores."""
-    last: dict[tuple[str, int], int] = {}
-    for m in messages:
-        key = (m.topic(), m.partition())
-        last[key] = max(last.get(key, -1), m.offset())
-    return [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
+def _tp(m: Message) -> tuple[str, int]:
+    return (m.topic(), m.partition())
 
 
 class Worker:
     def __init__(
-        self, settings: Settings, pipeline: Pipeline, *, on_batch: Callable[[BatchResult], None] | None = None
+        self,
+        settings: Settings,
+        pipeline: Pipeline,
+        *,
+        clients: KafkaClients | None = None,
+        on_batch: Callable[[BatchResult], None] | None = None,
     ) -> None:
+        clients = clients or KafkaClients()
+        k = settings.kafka
         self.settings = settings
         self.pipeline = pipeline
-        self.on_batch = on_batch
-        self.stop_event = threading.Event()
+        self.stop_event = StopSignal(settings.shutdown_deadline_s)
         self.stats = WorkerStats()
-        self.assigned: set[tuple[str, int]] = set()
-        self._revoked: set[tuple[str, int]] = set()
-        self._stash: list[Message] = []  # polled while a slow batch ran: first in the next batch
-        self._runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch")  # batches run in order
-        self._inflight: deque[InFlight] = deque()
-        self.last_progress = time.monotonic()
-        self.own_topics = {settings.kafka.commands_topic, settings.kafka.dlq_topic}
-        # exactly-once: each batch is one transaction (commands, dead letters, offsets); batches then run
-        # one at a time, so an aborted batch is simply read again
-        self.exactly_once = settings.kafka.delivery == "exactly-once"
-        self.overlap = settings.batch.overlap and not self.exactly_once
-        self.failpoints = _failpoints()
         self.metrics = Metrics()
         self.health = Health()
+        self.accounting = Accounting(self.stats, self.metrics, lambda: pipeline.cache.available, on_batch)
         self.server: ObservabilityServer | None = None
-        self.consumer = Consumer(
-            consumer_config(settings.kafka)
+        self.assigned: set[tuple[str, int]] = set()
+        self.last_progress = time.monotonic()
+        self.own_topics = {k.commands_topic, k.dlq_topic}
+        config = consumer_config(k)  # the strategy as librdkafka gets it (a client pass-through may set it)
+        self.cooperative = "cooperative" in str(config["partition.assignment.strategy"])
+        self._collecting: list[Message] = []  # the batch being collected (a revocation may take from it)
+        self._stash: list[Message] = []  # polled while a slow batch ran: first in the next batch
+        self._inflight: deque[InFlight] = deque()
+        self._failed = threading.Event()  # a batch failed: later batches send nothing
+        self._keepalive_paused = False  # a slow batch has the partitions paused: new ones start paused too
+        self._runner = SerialRunner("batch")
+        self.failpoints = _failpoints()
+        self.consumer = clients.consumer(
+            config
             | {
                 "error_cb": self._on_consumer_error,
                 "stats_cb": self.health.on_stats,
                 "statistics.interval.ms": settings.observe.stats_interval_ms,
             }
         )
-        self.producer = self._new_producer()
-
-    def _new_producer(self) -> CheckedProducer:
         on_error = lambda _: self.metrics.kafka_errors.labels("producer").inc()  # noqa: E731
-        config = producer_config(self.settings.kafka)
-        if self.exactly_once:
-            # stable per worker: a restarted pod fences its previous incarnation's open transaction
-            config["transactional.id"] = f"{self.settings.kafka.group_id}-{self.settings.worker_id}"
-            return TransactionalProducer(config, on_error)
-        return CheckedProducer(config, on_error)
+        if k.delivery == "exactly-once":
+            # each batch is one transaction (commands, dead letters, offsets); batches then run one at a
+            # time, so an aborted batch is simply read again
+            config = transactional_producer_config(k, transactional_id(k))
+            self.delivery: AtLeastOnce = ExactlyOnce(
+                config, stop=self.stop_event.drain_over, on_error=on_error, factory=clients.producer
+            )
+        else:
+            self.delivery = AtLeastOnce(
+                producer_config(k), stop=self.stop_event.drain_over, on_error=on_error, factory=clients.producer
+            )
+        self.overlap = settings.batch.overlap and not self.delivery.transactional
 
-    # -- rebalance callbacks (run inside consume) ------------------------------------------------
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    # -- what observe.py reads (WorkerView) ----------------------------------------------------------
+    @property
+    def stopping(self) -> bool:
+        return self.stop_event.is_set()
+
+    @property
+    def blocked_s(self) -> float | None:
+        since = self.delivery.blocked_since
+        return None if since is None else time.monotonic() - since
+
+    @property
+    def cache_up(self) -> bool:
+        return self.pipeline.cache.available
+
+    @property
+    def cache_errors(self) -> int:
+        return getattr(self.pipeline.cache, "errors", 0)
+
+    # -- rebalance callbacks (run inside consume/poll) -----------------------------------------------
+    def _on_assign(self, consumer, partitions: list[TopicPartition]) -> None:
         # The default pattern ^frames\..+ also matches the default dead-letter topic frames.dlq: the
         # worker's own output topics are assigned but paused, never read (or it would loop on its DLQ).
-        consumer.assign(partitions)
-        own = [p for p in partitions if p.topic in self.own_topics]
-        if own:
-            consumer.pause(own)
+        if self.cooperative:
+            consumer.incremental_assign(partitions)
+        else:
+            consumer.assign(partitions)
+        # own topics are never read; while a slow batch keeps the group alive, new partitions wait with the
+        # others (unpaused, every poll of the keep-alive would stash one more frame of theirs, unbounded)
+        held = [p for p in partitions if p.topic in self.own_topics or self._keepalive_paused]
+        if held:
+            consumer.pause(held)
         self.assigned |= {(p.topic, p.partition) for p in partitions if p.topic not in self.own_topics}
         log.info(
             "worker.assigned",
             partitions=sorted(f"{p.topic}[{p.partition}]" for p in partitions if p.topic not in self.own_topics),
+            owned=len(self.assigned),
         )
 
-    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Finish the batches in flight and commit them while the partitions are still ours: the new
-        # owner then starts after them (no repeats). Waiting here also holds up the rebalance, which is
-        # bounded by the batch time.
-        self._drain()
+    def _on_revoke(self, consumer, partitions: list[TopicPartition]) -> None:
+        self._give_up_partitions(consumer, partitions, lost=False)
+
+    def _on_lost(self, consumer, partitions: list[TopicPartition]) -> None:
+        self._give_up_partitions(consumer, partitions, lost=True)
+
+    def _give_up_partitions(self, consumer, partitions: list[TopicPartition], *, lost: bool) -> None:
+        # Finish the batches in flight and commit them while the partitions are still ours: the new owner
+        # starts after them (no repeats). Waiting here also holds up the rebalance, bounded by the batch
+        # time. Lost partitions (the group moved on without us) cannot be committed: their batches are
+        # still delivered, and their new owner repeats them.
+        self._drain(commit=not lost)
         gone = {(p.topic, p.partition) for p in partitions}
+        before = len(self._collecting) + len(self._stash)
+        self._collecting = [m for m in self._collecting if _tp(m) not in gone]
+        self._stash = [m for m in self._stash if _tp(m) not in gone]
+        dropped = before - len(self._collecting) - len(self._stash)
+        self.stats.revoked_dropped += dropped
+        self.stats.partitions_revoked += len(gone & self.assigned)
         self.assigned -= gone
-        self._revoked |= gone
-        self._stash = [m for m in self._stash if (m.topic(), m.partition()) not in gone]
-        log.info("worker.revoked", partitions=sorted(f"{t}[{p}]" for t, p in gone))
+        if self.cooperative:
+            consumer.incremental_unassign(partitions)
+        else:
+            consumer.unassign()
+        log.info(
+            "worker.lost" if lost else "worker.revoked",
+            partitions=sorted(f"{t}[{p}]" for t, p in gone if t not in self.own_topics),
+            dropped_frames=dropped,  # collected, not started: read again from the committed offset
+            owned=len(self.assigned),
+        )
 
     def _on_consumer_error(self, err: KafkaError) -> None:
         self.metrics.kafka_errors.labels("consumer").inc()
@@ -179,7 +275,7 @@ class Worker:
         if err.fatal():
             self.stop_event.set()
 
-    # -- the loop ------------------------------------------------------------------------------
+    # -- the loop --------------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
         def handler(signum, _frame):
             log.info("worker.stopping", signal=signal.Signals(signum).name)
@@ -189,74 +285,29 @@ class Worker:
         signal.signal(signal.SIGINT, handler)
 
     def _collect(self) -> list[Message]:
+        """Fill ``self._collecting``; rebalance callbacks inside ``consume`` may take from it meanwhile."""
         b = self.settings.batch
-        messages, self._stash = self._stash, []
-        deadline = time.monotonic() + b.max_wait_ms / 1000 if messages else None
-        while len(messages) < b.max_size and not self.stop_event.is_set():
+        self._collecting, self._stash = self._stash, []
+        deadline = time.monotonic() + b.max_wait_ms / 1000 if self._collecting else None
+        while len(self._collecting) < b.max_size and not self.stop_event.is_set():
             timeout = 0.1 if deadline is None else max(0.0, deadline - time.monotonic())
-            got = self.consumer.consume(b.max_size - len(messages), timeout)
+            got = self.consumer.consume(b.max_size - len(self._collecting), timeout)
             for m in got:
                 err = m.error()
                 if err is None:
                     if m.topic() not in self.own_topics:  # paused on assignment; never processed
-                        messages.append(m)
+                        self._collecting.append(m)
                 elif err.code() != KafkaError._PARTITION_EOF:
                     log.warning("kafka.consume_error", error=str(err), topic=m.topic(), partition=m.partition())
-            if messages and deadline is None:
+            if self._collecting and deadline is None:
                 deadline = time.monotonic() + b.max_wait_ms / 1000
             if deadline is None:
                 self.last_progress = time.monotonic()  # idle, but polling: alive
-                return messages  # nothing yet: let the caller check the stop flag
+                break  # nothing yet: let the caller check the stop flag
             if time.monotonic() >= deadline:
                 break
+        messages, self._collecting = self._collecting, []
         return messages
-
-    def _produce_batch(self, producer: CheckedProducer, result: BatchResult) -> None:
-        """Commands (keyed by station) and dead letters (original key, value and headers + why)."""
-        k = self.settings.kafka
-        for c in result.commands:
-            producer.produce(k.commands_topic, c.to_bytes(), c.station_id.encode())
-        for d in result.dead_letters:
-            headers = dead_letter_headers(d.raw, d.reason, d.error, d.message, self.settings.worker_id)
-            producer.produce(k.dlq_topic, d.raw.value or b"", d.raw.key, headers)
-
-    def _deliver(self, result: BatchResult) -> None:
-        for attempt in range(3):
-            try:
-                self._produce_batch(self.producer, result)
-                self.producer.flush(timeout=30)
-                return
-            except DeliveryError as exc:
-                if not exc.fatal or attempt == 2:
-                    raise
-                log.warning("worker.producer_recreated", error=str(exc), attempt=attempt + 1)
-                self.stats.producer_restarts += 1
-                self.producer = self._new_producer()
-
-    def _deliver_transaction(self, result: BatchResult, offsets: list[TopicPartition]) -> None:
-        producer = self.producer
-        try:
-            producer.begin()
-            self._produce_batch(producer, result)
-            self._failpoint("after_produce")  # the transaction is open: a crash here aborts it
-            producer.commit(offsets, self.consumer.consumer_group_metadata())
-        except DeliveryError as exc:
-            if not exc.fatal:
-                raise
-            # fenced or otherwise dead: a new producer (new epoch) and the batch again, from its offsets
-            log.warning("worker.producer_recreated", error=str(exc), transactional=True)
-            self.stats.producer_restarts += 1
-            self.producer = self._new_producer()
-            raise TransactionAborted(f"producer recreated after a fatal error: {exc}") from exc
-
-    def _commit(self, messages: list[Message]) -> None:
-        offsets = _next_offsets(messages)
-        if not offsets:
-            return
-        try:
-            self.consumer.commit(offsets=offsets, asynchronous=False)
-        except Exception as exc:  # e.g. a rebalance took the partitions: they will be re-read, not lost
-            log.warning("worker.commit_failed", error=str(exc), partitions=len(offsets))
 
     def process_once(self) -> int:
         """Collect a batch and start it; finish (deliver, remember, commit) the batch before it.
@@ -266,18 +317,12 @@ class Worker:
         overlap; without it each batch is finished before the next is collected. Batches always run and
         commit in order. Returns the frames collected or finished (0: idle).
         """
-        self._revoked.clear()
         messages = self._collect()
-        if self._revoked:
-            kept = [m for m in messages if (m.topic(), m.partition()) not in self._revoked]
-            self.stats.revoked_dropped += len(messages) - len(kept)
-            if len(kept) != len(messages):
-                log.info("worker.revoked_dropped", frames=len(messages) - len(kept))
-            messages = kept
         if messages:
             raws = [to_raw(m) for m in messages]
             predecoded = self.pipeline.predecode(raws) if self.overlap else None
-            future = self._runner.submit(self._work, raws, predecoded, _next_offsets(messages))
+            offsets = next_offsets(messages) if self.delivery.transactional else None
+            future = self._runner.submit(self._work, raws, predecoded, offsets)
             self._inflight.append(InFlight(future, messages, time.perf_counter()))
         keep = 1 if messages and self.overlap else 0
         finished = 0
@@ -285,44 +330,111 @@ class Worker:
             finished += self._finish_oldest(keepalive=True)
         return len(messages) + finished
 
+    def _work(self, raws: list[RawFrame], predecoded, offsets) -> tuple[BatchResult, int]:
+        """The helper thread's part: pipeline, delivery, cache. Runs batches one at a time, in order."""
+        if self._failed.is_set():
+            raise BatchSkipped("an earlier batch failed")
+        try:
+            result = self.pipeline.process(raws, predecoded)
+            if self._failed.is_set():
+                raise BatchSkipped("an earlier batch failed")
+            metadata = self.consumer.consumer_group_metadata() if self.delivery.transactional else None
+            self.delivery.send(outgoing(result, self.settings.kafka, self.settings.worker_id), offsets, metadata)
+            if not self.delivery.transactional:
+                self._failpoint("after_produce")  # delivered, neither remembered nor committed: a crash repeats it
+            delivered_ms = now_ms()
+            self.pipeline.cache.put_many(result.decisions)
+            return result, delivered_ms
+        except TransactionAborted:
+            raise  # rewound by the loop; the next batch may go on
+        except BaseException:
+            self._failed.set()  # before the next batch starts on this thread: it will send nothing
+            raise
+
     def _finish_oldest(self, *, keepalive: bool) -> int:
         batch = self._inflight[0]
-        if keepalive:
-            # may run the revoke callback, which finishes every batch in flight, this one first
-            self._wait_polling(batch.future, len(batch.messages))
-            if batch.finished:
-                return len(batch.messages)
+        if not self._await(batch, keepalive=keepalive):
+            self._give_up("the shutdown deadline passed with the batch unfinished")
+            return 0
+        if batch.finished:  # finished by a revocation that ran while we waited
+            return len(batch.messages)
         self._inflight.popleft()
         batch.finished = True
         try:
             result, delivered_ms = batch.future.result()  # raises what the helper raised (e.g. DeliveryError)
         except TransactionAborted as exc:
-            self._rewind(batch.messages, exc)
+            rewound = rewind(self.consumer, batch.messages, self.assigned)
+            # polled after the batch from the partitions sought back: they come again after the seek
+            # (frames stashed from other partitions stay: nothing re-reads them)
+            self._stash = [m for m in self._stash if _tp(m) not in rewound]
+            self.stats.aborted_batches += 1
+            log.warning(
+                "worker.transaction_aborted", error=str(exc), frames=len(batch.messages), partitions=len(rewound)
+            )
             return 0
-        except BaseException:
-            self._abandon()  # the batches after a failed one must not commit past it
+        except DeliveryInterrupted as exc:
+            self._give_up(str(exc), current=batch)
+            return 0
+        except BaseException as exc:
+            self._give_up(f"batch failed: {exc}", current=batch, failed=True)
             raise
-        if not self.exactly_once:  # (exactly-once: the offsets were committed inside the transaction)
-            # a partition revoked meanwhile belongs to another worker now: its offsets are not ours to commit
-            self._commit([m for m in batch.messages if (m.topic(), m.partition()) not in self._revoked])
+        if batch.commit:
+            self.delivery.commit(self.consumer, [m for m in batch.messages if _tp(m) in self.assigned])
+        self.stats.producer_restarts = self.delivery.restarts
+        self.stats.delivery_retries = self.delivery.retries
         seconds = time.perf_counter() - batch.started
-        self._account(result, delivered_ms, seconds)
-        self.metrics.observe_batch(result, Counter(m.topic() for m in batch.messages), delivered_ms, seconds)
+        self.accounting.batch_done(result, Counter(m.topic() for m in batch.messages), delivered_ms, seconds)
         self.last_progress = time.monotonic()
         return len(batch.messages)
 
-    def _abandon(self) -> None:
-        """After a batch failed (its commands not delivered): let the later batches end, commit none of
-        them, so the failed batch's offsets are the next to be read by whoever owns the partitions."""
-        while self._inflight:
-            later = self._inflight.popleft()
-            later.finished = True
-            with contextlib.suppress(BaseException):
-                later.future.result()
-        log.error("worker.batch_failed", abandoned="later batches not committed; their frames are read again")
+    def _await(self, batch: InFlight, *, keepalive: bool) -> bool:
+        """Wait for a batch's helper-thread work: True once done, False if a stop's drain deadline passed
+        first. With ``keepalive``, a batch slower than a third of ``max.poll.interval.ms`` gets the
+        partitions paused and the consumer polled meanwhile, so the group does not evict us (a revocation
+        served by such a poll may finish this very batch)."""
+        patience = self.settings.kafka.max_poll_interval_ms / 3000
+        started, paused = time.monotonic(), False
+        try:
+            while not batch.future.done() and not batch.finished:
+                if self.stop_event.drain_over():
+                    return False
+                if keepalive and not paused and time.monotonic() - started > patience:
+                    paused = self._keepalive_paused = True  # costs a re-fetch: only slow batches pay it
+                    self.stats.slow_batches += 1
+                    log.warning("worker.slow_batch", frames=len(batch.messages), waited_s=round(patience, 1))
+                    self.consumer.pause(self.consumer.assignment())
+                if paused:
+                    m = self.consumer.poll(0.2)  # serves rebalances, proves liveness
+                    if m is not None and m.error() is None and m.topic() not in self.own_topics:
+                        self._stash.append(m)
+                else:
+                    wait_for([batch.future], timeout=0.1)
+        finally:
+            if paused:
+                self._keepalive_paused = False
+                self.consumer.resume([p for p in self.consumer.assignment() if p.topic not in self.own_topics])
+        return True
 
-    def _drain(self) -> None:
+    def _give_up(self, why: str, *, current: InFlight | None = None, failed: bool = False) -> None:
+        """End ``current`` and every batch in flight uncommitted; none after this sends anything: they
+        are read again (after the restart) in their order."""
+        self._failed.set()
+        ended = ([current] if current is not None else []) + list(self._inflight)
+        self._inflight.clear()
+        for b in ended:
+            b.finished = True
+        frames = sum(len(b.messages) for b in ended)
+        self.stats.producer_restarts = self.delivery.restarts
+        if failed:
+            log.error("worker.batch_failed", error=why, batches_not_committed=len(ended), frames=frames)
+        else:
+            self.stats.unfinished_batches += len(ended)
+            log.error("worker.batch_unfinished", error=why, batches_not_committed=len(ended), frames=frames)
+
+    def _drain(self, *, commit: bool = True) -> None:
         """Finish every batch in flight, in order (stop, revocation): no polling meanwhile."""
+        for b in self._inflight:
+            b.commit = b.commit and commit
         while self._inflight:
             self._finish_oldest(keepalive=False)
 
@@ -330,109 +442,18 @@ class Worker:
         if name in self.failpoints:
             time.sleep(self.failpoints[name])
 
-    def _rewind(self, messages: list[Message], exc: Exception) -> None:
-        """An aborted transaction: nothing of the batch is visible; read it again from its first offsets."""
-        first: dict[tuple[str, int], int] = {}
-        for m in messages:
-            key = (m.topic(), m.partition())
-            first[key] = min(first.get(key, m.offset()), m.offset())
-        self._stash.clear()  # polled after the batch: they come again after the seek
-        for (topic, partition), offset in first.items():
-            if (topic, partition) in self.assigned:
-                self.consumer.seek(TopicPartition(topic, partition, offset))
-        self.stats.aborted_batches += 1
-        log.warning("worker.transaction_aborted", error=str(exc), frames=len(messages), partitions=len(first))
-
-    def _work(self, raws: list[RawFrame], predecoded, offsets: list[TopicPartition]) -> tuple[BatchResult, int]:
-        result = self.pipeline.process(raws, predecoded)
-        if self.exactly_once:
-            self._deliver_transaction(result, offsets)
-        else:
-            self._deliver(result)
-            self._failpoint("after_produce")  # delivered, neither remembered nor committed: a crash repeats it
-        delivered_ms = now_ms()
-        self.pipeline.cache.put_many(result.decisions)
-        return result, delivered_ms
-
-    def _wait_polling(self, future: Future, frames: int) -> None:
-        """Wait for the helper thread; if it takes long, keep the group membership alive meanwhile."""
-        patience = self.settings.kafka.max_poll_interval_ms / 3000
-        try:
-            future.exception(timeout=patience)
-            return
-        except FutureTimeout:
-            pass
-        # Pausing costs a re-fetch, so it happens only for a slow batch, never on the fast path.
-        self.stats.slow_batches += 1
-        log.warning("worker.slow_batch", frames=frames, waited_s=round(patience, 1))
-        self.consumer.pause(self.consumer.assignment())
-        try:
-            while not future.done():
-                m = self.consumer.poll(min(patience, 0.5))  # serves rebalances, proves liveness
-                if m is not None and m.error() is None and m.topic() not in self.own_topics:
-                    self._stash.append(m)
-        finally:
-            self.consumer.resume([p for p in self.consumer.assignment() if p.topic not in self.own_topics])
-
-    def _account(self, result: BatchResult, delivered_ms: int, seconds: float) -> None:
-        s = self.stats
-        s.batches += 1
-        s.frames += result.frames
-        s.commands += len(result.commands)
-        s.cache_hits += result.cache_hits
-        for d in result.dead_letters:
-            s.dead_letters[d.reason] += 1
-            log.warning(
-                "frame.dead_lettered",
-                item_id=_best_effort_id(d.raw, "item-id", d.raw.key),
-                station_id=_best_effort_id(d.raw, "station-id", None),
-                reason=d.reason,
-                error=d.error,
-                message=d.message[:300],
-                topic=d.raw.source.topic,
-                partition=d.raw.source.partition,
-                offset=d.raw.source.offset,
-            )
-        for c in result.commands:
-            latency = delivered_ms - c.captured_at if c.captured_at else None
-            log.info(
-                "item.routed",
-                item_id=c.item_id,
-                station_id=c.station_id,
-                sku=c.sku,
-                label=c.label,
-                confidence=c.confidence,
-                chute=c.chute,
-                reason=c.reason,
-                frames=c.frames,
-                latency_ms=latency,
-            )
-        log.info(
-            "batch.done",
-            frames=result.frames,
-            commands=len(result.commands),
-            dead_letters=len(result.dead_letters),
-            cache_hits=result.cache_hits,
-            classified=result.classified,
-            cache_up=self.pipeline.cache.available,
-            decode_ms=round(result.decode_s * 1000, 2),
-            infer_ms=round(result.infer_s * 1000, 2),
-            batch_ms=round(seconds * 1000, 2),
-        )
-        if self.on_batch is not None:
-            self.on_batch(result)
-
     def run(self, *, max_frames: int | None = None, idle_exit_s: float | None = None) -> WorkerStats:
         """Run until stopped (signal, ``stop_event``), ``max_frames`` handled, or idle for ``idle_exit_s``."""
         k = self.settings.kafka
         self.consumer.subscribe(
-            [k.frames_pattern], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke
+            [k.frames_pattern], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
         log.info(
             "worker.started",
             worker_id=self.settings.worker_id,
             pattern=k.frames_pattern,
             group_id=k.group_id,
+            assignment=k.assignment_strategy,
             model_version=self.pipeline.model.model_version,
         )
         o = self.settings.observe
@@ -456,17 +477,14 @@ class Worker:
         return self.stats
 
     def close(self) -> None:
-        deadline = self.settings.shutdown_deadline_s
-        try:
-            self.producer.flush(timeout=min(10.0, deadline))
-        except DeliveryError as exc:
-            log.error("worker.flush_failed_on_close", error=str(exc))
-        self.producer.close()
+        left = self.stop_event.left()
+        self.delivery.close(timeout=min(10.0, max(0.5, left)) if left is not None else 10.0)
         self.consumer.close()
         if self.server is not None:
             self.server.stop()
             self.server = None
-        self._runner.shutdown(wait=False)
+        self._runner.shutdown()
+        self.pipeline.close(wait=not self.stats.unfinished_batches)
         log.info(
             "worker.stopped",
             batches=self.stats.batches,
@@ -474,4 +492,6 @@ class Worker:
             commands=self.stats.commands,
             cache_hits=self.stats.cache_hits,
             dead_letters=dict(self.stats.dead_letters),
+            unfinished_batches=self.stats.unfinished_batches,
         )
+

@@ -158,7 +158,8 @@ def replay_to_kafka(
 ) -> ReplayReport:
     """Publish the recording with its keys and headers; returns the rate and the lag behind schedule."""
     from sorter.settings import KafkaSettings
-    from sorter.stream.kafka import CheckedProducer, ensure_topics
+    from sorter.stream.delivery import CheckedProducer
+    from sorter.stream.kafka import ensure_topics
 
     info = survey(reader)
     _check(info, allow_damaged)

@@ -9,6 +9,7 @@ import struct
 import zlib
 from collections import Counter
 
+import cv2
 import numpy as np
 import pytest
 from confluent_kafka import Producer
@@ -100,3 +101,67 @@ def test_the_bad_input_corpus_is_dead_lettered_with_actionable_reasons(settings_
         by_reason=dict(Counter(got.values())),
         lost=0,
     )
+
+
+def test_frames_over_the_size_limits_never_stop_the_worker(settings_for, namespace, bootstrap):
+    """Real limits: librdkafka's 1 MB message.max.bytes on the worker's producer (its default), the
+    dead-letter topic created with Kafka's default 1 MB max.message.bytes (Apache Kafka applies it; Tansu
+    accepts anything), cameras allowed 30 MB. A 25 MB frame, a 1.2 MB corrupt one, a 0-byte one and one
+    with a 2 MB camera-id header, among good frames: all good frames routed, every bad one dead-lettered
+    (without its payload where it cannot fit), the worker alive and committed past all of them."""
+    import hashlib
+
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    settings = settings_for(batch={"max_size": 4, "max_wait_ms": 5})
+    topic = f"{namespace}-frames.dock-5"
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for f in admin.create_topics(
+        [
+            NewTopic(topic, 1, 1, config={"max.message.bytes": str(30_000_000)}),
+            NewTopic(settings.kafka.dlq_topic, 1, 1, config={"max.message.bytes": "1048588"}),
+        ]
+    ).values():
+        f.result(30)
+    good = [p for _, p in photos(5, seed=31)]
+    ok = [("captured-at", str(NOW_MS).encode())]
+    png = cv2.imencode(".png", cv2.imdecode(np.frombuffer(good[1], np.uint8), cv2.IMREAD_COLOR))[1].tobytes()
+    bad = {
+        "huge-25mb": (good[0] + b"\0" * 25_000_000, ok, "payload_too_large"),
+        "corrupt-1m2": (png[: len(png) // 2] + np.random.default_rng(1).bytes(1_200_000), ok, "corrupt_image"),
+        "zero": (b"", ok, "empty_payload"),
+        "camera-2mb": (good[2], [*ok, ("camera-id", b"c" * 2_000_000)], "bad_camera_id"),
+    }
+    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "message.max.bytes": 30_000_000})
+    expected = []
+    for i, (key, (value, headers, _)) in enumerate(bad.items()):
+        item = f"{namespace}-good-{i}"
+        p.produce(topic, good[i], item.encode(), headers=ok)
+        expected.append(item)
+        p.produce(topic, value, f"{namespace}-{key}".encode(), headers=headers)
+    p.produce(topic, good[4], f"{namespace}-good-last".encode(), headers=ok)
+    expected.append(f"{namespace}-good-last")
+    assert p.flush(60) == 0
+    total = 2 * len(bad) + 1
+
+    worker = build_worker(settings)
+    stats = worker.run(max_frames=total, idle_exit_s=30)
+    assert stats.frames == total
+
+    commands = consume_all(bootstrap, settings.kafka.commands_topic, expect=len(expected))
+    assert sorted(json.loads(m.value())["item_id"] for m in commands) == sorted(expected)
+    dead = consume_all(bootstrap, settings.kafka.dlq_topic, expect=len(bad))
+    got = {}
+    for m in dead:
+        h = dict(m.headers())
+        key = m.key().decode().removeprefix(f"{namespace}-")
+        got[key] = h["dlq-reason"].decode()
+        original = bad[key][0]
+        assert len(m) <= 1_000_000
+        if h.get("dlq-payload-omitted") == b"true":
+            assert int(h["dlq-payload-size"]) == len(original)
+            assert h["dlq-payload-sha256"].decode() == hashlib.sha256(original).hexdigest()
+        else:
+            assert m.value() == original
+    assert got == {k: reason for k, (_, _, reason) in bad.items()}
+    report("hostile frames at real size limits", frames=total, routed=len(commands), dead_letters=len(dead), lost=0)
