@@ -70,7 +70,7 @@ def main() -> None:
             started = time.perf_counter()
             result = train(work / "data", work / f"{len(rows)}.pt", config)
             seconds = time.perf_counter() - started
-            test, _, _ = evaluate_folder(work / "data" / "test", work / f"{len(rows)}.pt", device=args.device)
+            test = evaluate_folder(work / "data" / "test", work / f"{len(rows)}.pt", device=args.device).evaluation
             rows.append(
                 {
                     "variant": name,

@@ -45,19 +45,24 @@ def synth(
             help="also write OUT/val with this many photos per class (different seed); photos then go to OUT/train"
         ),
     ] = 0,
+    test_per_class: Annotated[
+        int, typer.Option(help="also write OUT/test (held out) with this many photos per class (another seed)")
+    ] = 0,
 ) -> None:
     """Generate synthetic conveyor photos of products (ImageFolder layout, plus skus.json)."""
     from sorter.data.synth import write_dataset
     from sorter.progress import progress_bar
 
     splits = [(out_dir, per_class, seed)]
-    if val_per_class:
-        splits = [(out_dir / "train", per_class, seed), (out_dir / "val", val_per_class, seed + 1_000_003)]
+    if val_per_class or test_per_class:
+        splits = [(out_dir / "train", per_class, seed)]
+        splits += [(out_dir / "val", val_per_class, seed + 1_000_003)] if val_per_class else []
+        splits += [(out_dir / "test", test_per_class, seed + 2_000_003)] if test_per_class else []
     total = sum(n for _, n, _ in splits) * classes
     with progress_bar(total, "rendering photos") as advance:
         for folder, n, s in splits:
             write_dataset(folder, classes, n, seed=s, size=(width, height), progress=advance)
-    if val_per_class:
+    if val_per_class or test_per_class:
         (out_dir / "skus.json").write_text((out_dir / "train" / "skus.json").read_text())
     out_console.print(f"wrote {total} photos of {classes} products to {out_dir}")
 
@@ -80,7 +85,12 @@ def train(
     attention: Annotated[bool, typer.Option("--attention/--no-attention", help="spatial attention head")] = True,
     seed: Annotated[int, typer.Option()] = 0,
     patience: Annotated[int, typer.Option(help="early-stopping patience, epochs")] = 3,
-    val_fraction: Annotated[float, typer.Option(help="validation share when DATA has no val/")] = 0.2,
+    val_fraction: Annotated[
+        float, typer.Option(help="validation + calibration share (half each) when DATA has no val/")
+    ] = 0.2,
+    test_fraction: Annotated[
+        float, typer.Option(help="held-out test share of a flat DATA (DATA/test is used when present); 0: none")
+    ] = 0.1,
     workers: Annotated[int, typer.Option(help="data-loader worker processes")] = 0,
     model_version: Annotated[str | None, typer.Option(help="version string stamped on routing commands")] = None,
 ) -> None:
@@ -102,13 +112,15 @@ def train(
         seed=seed,
         patience=patience,
         val_fraction=val_fraction,
+        test_fraction=test_fraction,
         num_workers=workers,
         model_version=model_version,
     )
     result = run_training(data_dir, out, config)
-    e = result.evaluation
+    e = result.test or result.evaluation
+    split = "held-out test" if result.test else "validation (no test split)"
     out_console.print(
-        f"[bold]{out}[/]: val accuracy {e.accuracy:.3f}, macro-F1 {e.macro_f1:.3f}, ECE {e.ece:.3f} "
+        f"[bold]{out}[/]: {split} accuracy {e.accuracy:.3f}, macro-F1 {e.macro_f1:.3f}, ECE {e.ece:.3f} "
         f"({result.seconds:.0f} s); curves in {out.with_suffix('')}.curves.png"
     )
 
@@ -123,14 +135,25 @@ def evaluate(
     ] = None,
     device: Annotated[str, typer.Option()] = "auto",
     precision: Annotated[str, typer.Option()] = "auto",
+    include_seen: Annotated[
+        bool, typer.Option(help="also score photos that trained or tuned the model (optimistic)")
+    ] = False,
+    target_error: Annotated[float, typer.Option(help="error among routed items to suggest min_confidence for")] = 0.005,
 ) -> None:
-    """Accuracy, per-class precision/recall, macro-F1, calibration (ECE) and a confusion matrix."""
+    """Accuracy, per-class precision/recall, macro-F1, calibration (ECE), a confusion matrix and the
+    risk-coverage curve (review share vs routed error per confidence threshold), on photos the model never saw."""
     from sorter.train.evaluate import evaluate_folder
-    from sorter.train.plots import plot_confusion
+    from sorter.train.metrics import risk_coverage
+    from sorter.train.plots import plot_confusion, plot_risk_coverage
 
-    evaluation, classes, root = evaluate_folder(data_dir, checkpoint, device=device, precision=precision)
+    score = evaluate_folder(data_dir, checkpoint, device=device, precision=precision, include_seen=include_seen)
+    evaluation, classes, root = score.evaluation, score.classes, score.root
     png = confusion or checkpoint.with_suffix("").with_name(checkpoint.stem + ".confusion.png")
     plot_confusion(evaluation.confusion, classes, png, title=f"{checkpoint.name} on {root}")
+    rc = risk_coverage(score.probs, score.labels, target_error)
+    rc_png = png.with_name(checkpoint.stem + ".risk-coverage.png")
+    plot_risk_coverage(rc, rc_png, title=f"{checkpoint.name} on {root} ({evaluation.n} photos)")
+    rc_png.with_suffix(".json").write_text(json.dumps(rc, indent=1) + "\n")
     table = Table(title=f"{checkpoint.name} on {root} ({evaluation.n} photos)")
     for col in ("class", "precision", "recall", "f1", "support"):
         table.add_column(col, justify="left" if col == "class" else "right")
@@ -138,12 +161,23 @@ def evaluate(
         table.add_row(c.label, f"{c.precision:.3f}", f"{c.recall:.3f}", f"{c.f1:.3f}", str(c.support))
     console = Console(stderr=as_json)  # keep stdout for the JSON line when asked
     console.print(table)
+    if score.skipped_seen:
+        console.print(f"{score.skipped_seen} photos of {root} left out: they trained or tuned this model")
     console.print(
         f"accuracy {evaluation.accuracy:.4f}  macro-F1 {evaluation.macro_f1:.4f}  "
         f"ECE {evaluation.ece:.4f}  confusion matrix: {png}"
     )
+    s = rc["suggested_min_confidence"]
+    console.print(
+        f"for at most {100 * target_error:.1f}% errors among routed items: min_confidence {s['threshold']:.2f} "
+        f"sends {100 * s['review_share']:.1f}% to review" if s else
+        f"no confidence threshold keeps routed errors under {100 * target_error:.1f}%",
+    )  # fmt: skip
+    console.print(f"risk-coverage: {rc_png} (and .json)")
     if as_json:
-        sys.stdout.write(json.dumps(evaluation.summary() | {"confusion_png": str(png)}) + "\n")
+        summary = evaluation.summary() | {"confusion_png": str(png), "skipped_seen": score.skipped_seen}
+        summary |= {"suggested_min_confidence": s, "risk_coverage_png": str(rc_png)}
+        sys.stdout.write(json.dumps(summary) + "\n")
 
 
 @app.command()
@@ -192,7 +226,8 @@ def demo_model(
     from sorter.train.plots import plot_confusion
 
     files = ensure_demo_model(device=device)
-    evaluation, classes, _ = evaluate_folder(files.test, files.checkpoint, device=device)
+    score = evaluate_folder(files.test, files.checkpoint, device=device)
+    evaluation, classes = score.evaluation, score.classes
     confusion_png = files.root / "confusion.png"
     plot_confusion(evaluation.confusion, classes, confusion_png, title="demo model on unseen photos")
     photo = sorted(files.test.glob("*/*.jpg"))[0]

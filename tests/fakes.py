@@ -109,6 +109,7 @@ class FakeCluster:
         self.flushes_while_down = 0
         self.fatal_producers = 0  # this many producers fail every delivery fatally (fenced), then work
         self.fail_init: list[KafkaError] = []  # init_transactions of any producer raises these, in turn
+        self.fail_commit: list[KafkaError] = []  # commit_transaction of any producer raises these, in turn
         self.reject: Callable[[str, bytes | None, bytes | None], KafkaError | None] | None = None  # per message
         self.lock = threading.RLock()
         self.consumers: list[FakeConsumer] = []
@@ -303,6 +304,10 @@ class FakeProducer:
         with self.lock:
             queued, self.queue = self.queue, []
         for topic, value, key, headers, on_delivery in queued:
+            if self.txn_failed and "transactional.id" in self.config:  # librdkafka purges the rest
+                if on_delivery is not None:
+                    on_delivery(KafkaError(KafkaError._PURGE_QUEUE, "purged"), FakeMessage(topic, -1, -1, key, value))
+                continue
             limit = self.cluster.max_message_bytes.get(topic)
             if self.cluster.down:
                 err, msg = KafkaError(KafkaError._MSG_TIMED_OUT, "Local: Message timed out"), None
@@ -354,8 +359,8 @@ class FakeProducer:
         self.txn_offsets = offsets
 
     def commit_transaction(self, timeout=None) -> None:
-        if self.fail_commit:  # before anything is delivered: an abort then purges the whole transaction
-            raise KafkaException(self.fail_commit.pop(0))
+        if self.fail_commit or self.cluster.fail_commit:  # before any delivery: an abort purges it all
+            raise KafkaException((self.fail_commit or self.cluster.fail_commit).pop(0))
         self._deliver()
         if self.txn_failed:  # librdkafka: a message of the transaction failed, it can only be aborted
             raise KafkaException(KafkaError(KafkaError._INCONSISTENT, "a message failed", txn_requires_abort=True))

@@ -31,6 +31,8 @@ def test_synth_train_evaluate_explain(tmp_path):
             "12",
             "--val-per-class",
             "6",
+            "--test-per-class",
+            "4",
             "--width",
             "160",
             "--height",
@@ -58,8 +60,10 @@ def test_synth_train_evaluate_explain(tmp_path):
     )
     result = _ok(["evaluate", str(data), "--checkpoint", str(ckpt), "--json", "--device", "cpu"])
     summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert summary["n"] == 18  # the val/ split: 3 classes x 6
-    assert {"accuracy", "macro_f1", "ece", "n"} <= set(summary)
+    assert summary["n"] == 12  # the held-out test/ split: 3 classes x 4 (val/ tuned the model)
+    assert {"accuracy", "macro_f1", "ece", "n"} <= set(summary) and summary["skipped_seen"] == 0
+    assert (tmp_path / "m.risk-coverage.png").stat().st_size > 5_000
+    assert summary["suggested_min_confidence"] is None or 0 <= summary["suggested_min_confidence"]["threshold"] < 1
     assert 0 <= summary["ece"] <= 1 and len(summary["per_class"]) == 3
     assert (tmp_path / "m.confusion.png").stat().st_size > 5_000
     photo = next((data / "val").glob("*/*.jpg"))

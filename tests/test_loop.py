@@ -201,8 +201,7 @@ def test_exactly_once_transactional_id_is_stable_across_restarts(monkeypatch):
     for pid in (101, 202):
         monkeypatch.setattr("os.getpid", lambda pid=pid: pid)
         s = settings(kafka={"delivery": "exactly-once"}, worker_id=None)
-        new_worker(cluster, s)
-        config = cluster.producers[-1].config
+        config = new_worker(cluster, s).delivery.config
         ids.append(config["transactional.id"])
         assert int(config["transaction.timeout.ms"]) < 60_000
     assert ids[0] == ids[1]
@@ -450,7 +449,7 @@ def test_exactly_once_an_abort_keeps_frames_stashed_from_partitions_it_does_not_
     s = settings(kafka={"delivery": "exactly-once", "session_timeout_ms": 1000, "max_poll_interval_ms": 1000})
     model = FakeModel(delay_s=0.8)
     w = new_worker(cluster, s, pipeline(model))
-    cluster.producers[0].fail_commit = [KafkaError(KafkaError._STATE, "abortable", txn_requires_abort=True)]
+    cluster.fail_commit = [KafkaError(KafkaError._STATE, "abortable", txn_requires_abort=True)]
     w.consumer.schedule(("assign", [(TOPIC, 0), ("frames.dock-2", 0)]))
     w.consumer.max_per_call = 4
     w.settings.batch.max_size = 4  # the first batch holds dock-1 only (the fake fetches round-robin per call)
@@ -501,18 +500,96 @@ def test_exactly_once_waits_for_the_coordinator_instead_of_exiting():
     assert sorted(routed(cluster)) == sorted(items) and w.delivery.retries >= 3
 
 
-def test_exactly_once_a_worker_fenced_by_a_newer_instance_stops_instead_of_fencing_it_back():
+def test_exactly_once_fenced_once_recreates_fenced_again_at_once_stops():
+    """Fenced once (the coordinator timed out our transaction during an outage): a new producer, the batch
+    again. Fenced again right after: another live worker has our transactional.id; fencing it back would
+    make the two take turns, so this one stops, saying why."""
     from sorter.stream.delivery import TransactionFenced
 
+    fenced = KafkaError(KafkaError.PRODUCER_FENCED, "fenced", fatal=True)
+    cluster = FakeCluster()
+    items = backlog(cluster, 8)
+    w = new_worker(cluster, settings(kafka={"delivery": "exactly-once"}, batch={"max_size": 4}))
+    w.consumer.schedule(("assign", [(TOPIC, 0)]))
+    orig = cluster.producer
+
+    def producer(config):
+        p = orig(config)
+        if len(cluster.producers) == 1:
+            p.fail_commit = [fenced]  # the first producer is fenced at its first commit
+        return p
+
+    w.delivery.factory = producer
+    w.run(idle_exit_s=1.5)
+    assert sorted(routed(cluster)) == sorted(items)
+    assert len(cluster.producers) == 2 and w.stats.producer_restarts == 1
+
+    cluster2 = FakeCluster()
+    backlog(cluster2, 8)
+    w2 = new_worker(cluster2, settings(kafka={"delivery": "exactly-once"}, batch={"max_size": 4}))
+    w2.consumer.schedule(("assign", [(TOPIC, 0)]))
+    orig2 = cluster2.producer
+
+    def always_fenced(config):
+        p = orig2(config)
+        p.fail_commit = [fenced]
+        return p
+
+    w2.delivery.factory = always_fenced
+    with pytest.raises(TransactionFenced, match=r"transactional\.id"):
+        w2.run(idle_exit_s=1.5)
+    assert len(cluster2.producers) == 2 and w2.consumer.closed
+    assert cluster2.committed.get((TOPIC, 0), 0) == 0
+
+
+def test_exactly_once_a_permanent_error_fails_the_batch_instead_of_looping():
     cluster = FakeCluster()
     backlog(cluster, 4)
+    cluster.reject = lambda topic, key, value: (
+        KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED, "not authorized") if topic == COMMANDS else None
+    )
     w = new_worker(cluster, settings(kafka={"delivery": "exactly-once"}))
-    cluster.producers[0].fail_commit = [KafkaError(KafkaError.PRODUCER_FENCED, "fenced", fatal=True)]
     w.consumer.schedule(("assign", [(TOPIC, 0)]))
-    with pytest.raises(TransactionFenced, match=r"transactional\.id"):
+    with pytest.raises(Exception, match="TOPIC_AUTHORIZATION"):
         w.run(idle_exit_s=1.0)
-    assert len(cluster.producers) == 1 and w.consumer.closed  # closed cleanly, nothing recreated
-    assert cluster.committed.get((TOPIC, 0), 0) == 0
+    assert w.stats.aborted_batches == 0 and cluster.committed.get((TOPIC, 0), 0) == 0
+
+
+def test_exactly_once_dead_letters_refused_locally_then_by_the_broker_go_minimal():
+    """The full form is over the client's message.max.bytes (swapped locally), the slim form over the
+    topic's limit (refused by the broker, which purges the rest of the transaction): minimal forms go."""
+    cluster = FakeCluster()
+    cluster.max_message_bytes["frames.dlq"] = 100_000
+    items = backlog(cluster, 2)
+    for i in range(6):
+        headers = [("item-id", f"big{i}".encode()), ("n", b"n" * 150_000)]
+        cluster.append(TOPIC, b"\x17" * 700_000, f"big{i}".encode(), headers)
+    s = settings(kafka={"delivery": "exactly-once", "client": {"message.max.bytes": "600000"}}, batch={"max_size": 8})
+    w = new_worker(cluster, s)
+    w.consumer.schedule(("assign", [(TOPIC, 0)]))
+    w.run(idle_exit_s=1.0)
+    assert sorted(routed(cluster)) == sorted(items)
+    dead = cluster.messages("frames.dlq")
+    assert len(dead) == 6 and all("dlq-headers-omitted" in dict(m.headers()) for m in dead)
+    assert cluster.committed[(TOPIC, 0)] == 8
+
+
+def test_exactly_once_waiting_for_the_coordinator_is_not_sticky():
+    """After a wait ends, the worker is ready again and a wedged model is caught by liveness as usual;
+    nothing waits at start-up (the producer is made at the first batch)."""
+    from sorter.stream.observe import liveness, readiness
+
+    cluster = FakeCluster()
+    cluster.fail_init = [KafkaError(KafkaError._TIMED_OUT, "coordinator not available", retriable=True)]
+    items = backlog(cluster, 4)
+    w = new_worker(cluster, settings(kafka={"delivery": "exactly-once"}))
+    assert cluster.producers == []  # nothing made (nor waited for) at start-up
+    w.consumer.schedule(("assign", [(TOPIC, 0)]))
+    w.run(idle_exit_s=1.0)
+    assert sorted(routed(cluster)) == sorted(items) and w.delivery.retries == 1
+    assert w.blocked_s is None and not any("deliver" in p for p in readiness(w))
+    w.last_progress -= 100
+    assert liveness(w, 60)
 
 
 def test_a_nan_confidence_goes_to_review_and_stops_nothing():

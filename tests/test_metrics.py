@@ -32,3 +32,20 @@ def test_ece_is_zero_when_confidence_matches_accuracy_and_large_when_not():
 def test_shape_mismatch_is_refused():
     with pytest.raises(ValueError):
         evaluate_predictions(np.ones((3, 2)) / 2, np.array([0, 1]), ["a", "b"])
+
+
+def test_temperature_on_a_perfectly_separated_set_keeps_confidence_below_one():
+    """Validation data with no errors pushes the NLL-optimal temperature to 0 (every confidence 1.000: the
+    review threshold could never fire). The fit keeps the mean confidence at or below the Laplace estimate
+    of the accuracy, (correct + 1) / (n + 2), so confidences stay honest about a finite sample."""
+    import torch
+
+    from sorter.train.calibrate import fit_temperature
+
+    torch.manual_seed(0)
+    labels = torch.arange(200) % 4
+    logits = torch.randn(200, 4) + 6 * torch.nn.functional.one_hot(labels, 4)  # all correct, margins vary
+    t = fit_temperature(logits, labels)
+    confidence = torch.softmax(logits / t, dim=1).max(dim=1).values
+    assert float(confidence.mean()) <= (200 + 1) / (200 + 2) + 1e-4
+    assert float(confidence.min()) < 0.99 and float(confidence.max()) < 1.0

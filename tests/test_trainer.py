@@ -19,7 +19,8 @@ def test_phase_one_changes_the_head_and_nothing_in_the_backbone(synth_tree, tmp_
     backbone_before = {k: v.clone() for k, v in trainer.model.backbone.state_dict().items()}
     head_before = trainer.model.head.weight.detach().clone()
     attention_before = trainer.model.attention.score.weight.detach().clone()
-    train_loader, val_loader = trainer._loaders()
+    loaders = trainer._loaders()
+    train_loader, val_loader = loaders["train"], loaders["val"]
     best = {"accuracy": -1.0, "nll": float("inf"), "epoch": 0, "state": None}
     trainer._run_phase(1, 1, train_loader, val_loader, best)
     for name, value in trainer.model.backbone.state_dict().items():  # weights and batch-norm statistics
@@ -39,7 +40,8 @@ def test_phase_split():
 def test_short_training_run_beats_chance_and_writes_its_reports(synth_tree, tmp_path):
     out = tmp_path / "model.pt"
     result = train(synth_tree, out, _config(epochs=4, image_size=96, model_version="ci-1"))
-    assert result.evaluation.n == 40
+    assert result.evaluation.n == 20 and result.test is None  # val/ split in half: early stopping, temperature
+    assert result.meta.train_config["splits"] == {"train": 96, "val": 20, "calib": 20, "test": 0}
     assert result.evaluation.accuracy >= 0.75, result.history  # chance is 0.25 with 4 classes
     _, meta = load_checkpoint(out)
     assert meta.model_version == "ci-1" and meta.image_size == 96 and meta.backbone == "mobilenet_v2"

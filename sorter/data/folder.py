@@ -2,9 +2,15 @@
 
 Layout accepted (any image size, RGB or grayscale; grayscale becomes 3 channels)::
 
-    DATA/<label>/*.jpg                  -> stratified train/val split
-    DATA/train/<label>/*, DATA/val/<label>/*   -> used as given
+    DATA/<label>/*.jpg                  -> stratified train / validation / calibration / test splits
+    DATA/train/<label>/* [DATA/val/<label>/*] [DATA/test/<label>/*]   -> used as given
     DATA/skus.json (optional)           -> {"<label>": "<sku id>"}; a label without one is its own SKU
+
+Four splits, each with one job, none used for another's: ``train`` learns; ``val`` picks the epoch (early
+stopping); ``calib`` fits the temperature (a calibration fitted on the data that picked the epoch is
+optimistic); ``test`` is held out and only scored. A flat tree gives ``test_fraction`` of every class to
+test and ``val_fraction`` to validation + calibration (half each); ``DATA/test`` is used as the test split
+when present (``DATA/val``, when present, is split into validation and calibration).
 """
 
 from __future__ import annotations
@@ -37,8 +43,15 @@ class Sample:
 class Splits:
     classes: list[str]
     train: list[Sample]
-    val: list[Sample]
+    val: list[Sample]  # early stopping
+    calib: list[Sample]  # temperature
+    test: list[Sample]  # held out: scored, never tuned on
     root: Path
+
+    @property
+    def seen(self) -> list[Sample]:
+        """Every photo that shaped the model (trained, picked the epoch or fitted the temperature)."""
+        return self.train + self.val + self.calib
 
 
 def _label_dirs(root: Path) -> list[Path]:
@@ -86,16 +99,28 @@ def stratified_split(samples: Sequence[Sample], val_fraction: float, seed: int) 
     return train, val
 
 
-def load_splits(root: Path, val_fraction: float = 0.2, seed: int = 0) -> Splits:
-    if (root / "train").is_dir() and (root / "val").is_dir():
-        classes, train = scan(root / "train")
-        _, val = scan(root / "val", classes)
+MIN_PER_CLASS_FOR_TEST = 10  # fewer photos in a class: nothing held out (train says there is no test split)
+
+
+def load_splits(root: Path, val_fraction: float = 0.2, seed: int = 0, test_fraction: float = 0.1) -> Splits:
+    if (root / "train").is_dir():
+        classes, pool = scan(root / "train")
+        test = scan(root / "test", classes)[1] if (root / "test").is_dir() else []
+        if (root / "val").is_dir():
+            tuning = scan(root / "val", classes)[1]
+            train = pool
+        else:
+            train, tuning = stratified_split(pool, val_fraction, seed)
     else:
         classes, samples = scan(root)
-        train, val = stratified_split(samples, val_fraction, seed)
-    if not val:
+        smallest = min(sum(s.label == i for s in samples) for i in range(len(classes)))
+        hold = test_fraction > 0 and smallest >= MIN_PER_CLASS_FOR_TEST
+        rest, test = stratified_split(samples, test_fraction, seed + 1) if hold else (samples, [])
+        train, tuning = stratified_split(rest, val_fraction, seed)
+    if not tuning:
         raise DatasetError(f"{root}: no validation images (each class needs at least 2 images)")
-    return Splits(classes, train, val, root)
+    val, calib = stratified_split(tuning, 0.5, seed + 2)  # half to early stopping, half to the temperature
+    return Splits(classes, train, val, calib, test, root)
 
 
 def read_skus(root: Path, classes: Sequence[str]) -> list[str]:
@@ -111,12 +136,16 @@ def read_skus(root: Path, classes: Sequence[str]) -> list[str]:
     return [mapping.get(c, c) for c in classes]
 
 
+def photo_digest(path: Path) -> str:
+    """A photo's identity by content (not name): the first 16 hex digits of its SHA-256."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
 def fingerprint(root: Path, samples: Sequence[Sample]) -> str:
     """SHA-256 over every sample's relative path, label and content: which data made this model."""
     h = hashlib.sha256()
     for s in sorted(samples, key=lambda s: str(s.path)):
-        h.update(f"{s.path.relative_to(root)}|{s.label}|".encode())
-        h.update(hashlib.sha256(s.path.read_bytes()).digest())
+        h.update(f"{s.path.relative_to(root)}|{s.label}|{photo_digest(s.path)}|".encode())
     return h.hexdigest()
 
 

@@ -52,6 +52,9 @@ class ModelMeta(BaseModel):
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     metrics: dict[str, float] = Field(default_factory=dict)
     train_config: dict[str, Any] = Field(default_factory=dict)
+    seen: list[str] = Field(
+        default_factory=list, description="content digests of the photos that trained or tuned the model"
+    )
 
     @field_validator("backbone")
     @classmethod

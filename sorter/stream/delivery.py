@@ -248,6 +248,9 @@ class CheckedProducer:
                 self.purge()
                 raise DeliveryInterrupted(f"{remaining} message(s) still undelivered when the stop deadline passed")
             remaining = self._producer.flush(min(1.0, max(0.0, deadline - time.monotonic())))
+        if remaining:  # still queued at the deadline: purged, so each comes back as a failure of its own
+            self.purge()
+            remaining = self._producer.flush(1.0)
         failed, fatal = self.take_failures()
         if remaining:
             failed.append(Failed(KafkaError(KafkaError._MSG_TIMED_OUT, f"{remaining} message(s) still queued")))
@@ -289,11 +292,13 @@ class TransactionalProducer(CheckedProducer):
         factory=None,
         stop: Callable[[], bool] | None = None,
         on_wait: Callable[[KafkaError], None] | None = None,
+        on_resume: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(config, on_error, factory=factory)
         self.timeout_s = timeout_s
         self.stop = stop or (lambda: False)
         self.on_wait = on_wait or (lambda err: None)
+        self.on_resume = on_resume or (lambda: None)
         self.aborted_failures: list[Failed] = []
         self._call(self._producer.init_transactions, timeout_s)
 
@@ -305,20 +310,24 @@ class TransactionalProducer(CheckedProducer):
         raise TransactionAborted(why) from cause
 
     def _call(self, fn, *args) -> None:
-        delay = BACKOFF_S[0]
+        delay, waited = BACKOFF_S[0], False
         while True:
             try:
                 fn(*args)
+                if waited:
+                    self.on_resume()
                 return
             except KafkaException as exc:
                 err = exc.args[0]
                 if err.code() in FENCED_ERRORS:
                     raise TransactionFenced(
-                        f"fenced: another worker runs with transactional.id {self.config.get('transactional.id')!r} "
-                        f"({err}). Each worker needs its own id: run exactly-once as a StatefulSet or set "
+                        f"fenced ({err}): the coordinator timed out a transaction of transactional.id "
+                        f"{self.config.get('transactional.id')!r}, or another worker runs with the same id. Each "
+                        "worker needs its own id: run exactly-once as a StatefulSet or set "
                         "SORTER_KAFKA__TRANSACTIONAL_ID per worker"
                     ) from exc
                 if err.retriable() and not err.fatal():
+                    waited = True
                     self.on_wait(err)
                     pause(delay, self.stop, f"{getattr(fn, '__name__', 'a transaction call')} still failing ({err})")
                     delay = min(delay * 2, BACKOFF_S[1])
@@ -465,19 +474,27 @@ class AtLeastOnce:
 
 
 class ExactlyOnce(AtLeastOnce):
-    """One transaction per batch; offsets are committed inside it (step 4 is part of the transaction)."""
+    """One transaction per batch; offsets are committed inside it (step 4 is part of the transaction).
+
+    The transactional producer is made at the first batch, on the helper thread, where waiting for the
+    coordinator shows in readiness and a stop can end it (not at start-up, where nothing could)."""
 
     transactional = True
+    FENCED_AGAIN_S = 300.0  # fenced again this soon after recreating: another live worker has our id
 
     def __init__(self, config: dict[str, object], *, timeout_s: float = 30.0, **kwargs) -> None:
         self.timeout_s = timeout_s
         self._abort_delay = BACKOFF_S[0]
+        self._fenced_at: float | None = None
         super().__init__(config, **kwargs)
 
-    def _new(self) -> TransactionalProducer:
+    def _new(self) -> TransactionalProducer | None:
+        return None  # made by send()
+
+    def _make(self) -> TransactionalProducer:
         return TransactionalProducer(
             self.config, self.on_error, timeout_s=self.timeout_s, factory=self.factory, stop=self.stop,
-            on_wait=self._waiting,
+            on_wait=self._waiting, on_resume=self._resumed,
         )  # fmt: skip
 
     def _waiting(self, err: KafkaError) -> None:
@@ -486,9 +503,11 @@ class ExactlyOnce(AtLeastOnce):
             self.blocked_since = time.monotonic()
         log.warning("delivery.retry", error=str(err), blocked_s=round(time.monotonic() - self.blocked_since, 1))
 
+    def _resumed(self) -> None:
+        self.blocked_since = None
+
     def _recreate(self, error: KafkaError) -> None:
-        """Drop the dead producer; the next batch makes a new one (``init_transactions`` may have to wait
-        for the broker, and does so there, where a stop can interrupt it)."""
+        """Drop the dead producer; the next batch makes a new one."""
         log.warning("worker.producer_recreated", error=str(error))
         self.restarts += 1
         if self.producer is not None:
@@ -498,45 +517,61 @@ class ExactlyOnce(AtLeastOnce):
 
     def send(self, messages: list[Outgoing], offsets=None, group_metadata=None) -> None:
         if self.producer is None:
-            self.producer = self._new()
+            self.producer = self._make()  # init_transactions: waits for the coordinator, fences a predecessor
         pending = list(messages)
-        for _ in range(4):  # refused for a message's size: again with its smaller form (full, slim, minimal)
+        while True:
             producer = self.producer
             try:
                 producer.begin()
-                queue = pending
+                queue = list(pending)
                 while queue:
                     for m in queue:
                         producer.produce(m.topic, m.value, m.key, m.headers, tag=m)
                     queue = []
                     for f in producer.take_failures()[0]:
-                        if f.local and _smaller(f) is not None:  # never left the client: swap it in this transaction
-                            queue.append(_smaller(f))
+                        smaller = _smaller(f)
+                        if f.local and smaller is not None:  # never left the client: swap it in this transaction
+                            pending = [smaller if m is f.tag else m for m in pending]
+                            queue.append(smaller)
                         else:
                             producer.abort(f"message not delivered: {f.error}", failures=[f])
                 producer.commit(offsets, group_metadata)
-                self.blocked_since, self._abort_delay = None, BACKOFF_S[0]
+                self._abort_delay = BACKOFF_S[0]
                 return
             except TransactionAborted as exc:
-                swapped = {id(f.tag): _smaller(f) for f in producer.aborted_failures if _smaller(f) is not None}
-                if not swapped:
-                    self._aborted(exc)
-                    raise
-                log.warning("delivery.sent_smaller", messages=len(swapped), why="refused for its size")
-                pending = [swapped.get(id(m), m) for m in pending]
+                failures = producer.aborted_failures
+                swapped = {id(f.tag): _smaller(f) for f in failures if _smaller(f) is not None}
+                if swapped:  # each dead letter shrinks at most twice (slim, minimal): this loop ends
+                    log.warning("delivery.sent_smaller", messages=len(swapped), why="refused for its size")
+                    pending = [swapped.get(id(m), m) for m in pending]
+                    continue
+                hopeless = [f for f in failures if error_kind(f.error) in ("size", "permanent")]
+                if hopeless:  # waiting will not help: the batch failed (the worker stops, as at-least-once)
+                    raise DeliveryError([f.error for f in hopeless], False, hopeless) from exc
+                self._aborted(exc)
+                raise
+            except TransactionFenced as exc:
+                now = time.monotonic()
+                if self._fenced_at is not None and now - self._fenced_at < self.FENCED_AGAIN_S:
+                    raise  # fenced again right after taking the id back: another live worker has it
+                self._fenced_at = now  # e.g. the coordinator timed out our transaction during an outage
+                self._recreate(KafkaError(KafkaError._FENCED, str(exc)))
+                self._aborted(exc)
+                raise TransactionAborted(f"producer recreated after being fenced: {exc}") from exc
             except DeliveryError as exc:
                 if not exc.fatal:
                     raise
-                # dead (not fenced): a new producer (new epoch) and the batch again, from its offsets
-                self._recreate(exc.errors[0])
+                self._recreate(exc.errors[0])  # dead: a new producer (new epoch), the batch from its offsets
                 self._aborted(exc)
                 raise TransactionAborted(f"producer recreated after a fatal error: {exc}") from exc
-        raise DeliveryError([KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "refused even in its smallest form")], False)
 
     def _aborted(self, exc: Exception) -> None:
-        """The batch will be read again: not at once (the cause may last), and readiness says we wait."""
+        """The batch will be read again: not at once (the cause may last); not ready while waiting."""
         self._waiting(KafkaError(KafkaError._STATE, f"transaction aborted: {exc}"))
-        self._wait(self._abort_delay, [])
+        try:
+            self._wait(self._abort_delay, [])
+        finally:
+            self._resumed()
         self._abort_delay = min(self._abort_delay * 2, BACKOFF_S[1])
 
     def commit(self, consumer, messages: list[Message]) -> None:

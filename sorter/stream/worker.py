@@ -196,7 +196,11 @@ class Worker:
             )
         else:
             self.delivery = AtLeastOnce(
-                producer_config(k), stop=self.stop_event.drain_over, on_error=on_error, factory=clients.producer
+                producer_config(k),
+                stop=self.stop_event.drain_over,
+                on_error=on_error,
+                factory=clients.producer,
+                flush_timeout_s=k.message_timeout_ms / 1000 + 30,  # every message reported: delivered or timed out
             )
         self.overlap = settings.batch.overlap and not self.delivery.transactional
 
@@ -368,6 +372,7 @@ class Worker:
             # (frames stashed from other partitions stay: nothing re-reads them)
             self._stash = [m for m in self._stash if _tp(m) not in rewound]
             self.stats.aborted_batches += 1
+            self.last_progress = time.monotonic()  # the loop works: the batch is read again
             log.warning(
                 "worker.transaction_aborted", error=str(exc), frames=len(batch.messages), partitions=len(rewound)
             )

@@ -17,6 +17,7 @@ from confluent_kafka import Consumer, KafkaError
 
 from sorter.logs import get_logger
 from sorter.progress import make_progress
+from sorter.stream.kafka import to_raw
 from sorter.traffic.recording import Record, Writer
 
 log = get_logger("sorter.record")
@@ -86,15 +87,19 @@ def capture(
                         if m.error().code() != KafkaError._PARTITION_EOF:
                             log.warning("record.consume_error", error=str(m.error()))
                         continue
-                    ts_type, ts = m.timestamp()
+                    raw = to_raw(m)  # never raises: unreadable headers are recorded as none, and said
+                    if raw.header_error is not None:
+                        log.warning(
+                            "record.unreadable_headers", topic=m.topic(), offset=m.offset(), error=raw.header_error
+                        )
                     writer.write(
                         Record(
                             m.topic(),
                             m.partition(),
                             m.offset(),
-                            ts if ts_type else None,
+                            raw.timestamp_ms,
                             m.key(),
-                            tuple(m.headers() or ()),
+                            raw.headers,
                             m.value(),
                             time.time_ns() // 1_000_000,
                         )

@@ -10,13 +10,24 @@ from __future__ import annotations
 
 from torchvision.transforms import v2
 
+PRESETS = ("none", "light", "belt", "belt-any-angle")
 
-def train_transform(size: int) -> v2.Compose:
+
+def train_transform(size: int, preset: str = "belt") -> v2.Transform:
+    if preset not in PRESETS:
+        raise ValueError(f"augmentation preset must be one of {PRESETS}, got {preset!r}")
+    if preset == "none":
+        return v2.Identity()
+    if preset == "light":
+        return v2.Compose(
+            [v2.RandomHorizontalFlip(), v2.RandomApply([v2.RandomAffine(degrees=0, translate=(0.06, 0.06))], p=0.5)]
+        )
+    degrees = 180 if preset == "belt-any-angle" else 20
     return v2.Compose(
         [
             v2.RandomHorizontalFlip(),
             v2.RandomVerticalFlip(),
-            v2.RandomApply([v2.RandomAffine(degrees=20, translate=(0.08, 0.08), scale=(0.85, 1.15))], p=0.7),
+            v2.RandomApply([v2.RandomAffine(degrees=degrees, translate=(0.08, 0.08), scale=(0.85, 1.15))], p=0.7),
             v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.15, hue=0.02),
             v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 1.5))], p=0.3),
             v2.RandomErasing(p=0.25, scale=(0.02, 0.12), value=0),

@@ -1,14 +1,21 @@
-"""Run a classifier over a dataset and score it (shared by validation during training and `sorter evaluate`)."""
+"""Run a classifier over a dataset and score it (shared by validation during training and `sorter evaluate`).
+
+`sorter evaluate` scores only photos the model has not seen: a checkpoint lists (by content digest) every
+photo that trained it, picked its epoch or fitted its temperature, and those are skipped unless asked
+for. So `sorter evaluate DATA` after `sorter train DATA` scores exactly the held-out test split.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from sorter.data.folder import DecodedImages, scan
+from sorter.data.folder import DecodedImages, photo_digest, scan
+from sorter.errors import DatasetError
 from sorter.model.checkpoint import load_checkpoint
 from sorter.model.classifier import AttentionClassifier
 from sorter.model.preprocess import Normalizer
@@ -43,25 +50,57 @@ def predict(
 
 
 def evaluation_root(data_dir: Path) -> Path:
-    """A held-out split when the tree has one (``test/``, then ``val/``), else the whole folder."""
-    for name in ("test", "val"):
-        if (data_dir / name).is_dir():
-            return data_dir / name
+    """``DATA/test`` when the tree has one, else the folder itself (never ``DATA/val``: it tuned the model)."""
+    if (data_dir / "test").is_dir():
+        return data_dir / "test"
+    if (data_dir / "train").is_dir():
+        raise DatasetError(
+            f"{data_dir} has train/ but no test/: nothing in it is held out. Score a folder of photos the model "
+            f"never saw (e.g. {data_dir}/test/<label>/*), or {data_dir}/val with --include-seen (optimistic)"
+        )
     return data_dir
 
 
+@dataclass
+class FolderScore:
+    evaluation: Evaluation
+    classes: list[str]
+    root: Path
+    probs: np.ndarray
+    labels: np.ndarray
+    skipped_seen: int  # photos left out because they trained or tuned the model
+
+
 def evaluate_folder(
-    data_dir: Path, checkpoint: Path, *, device: str = "auto", precision: str = "auto", batch_size: int = 64
-) -> tuple[Evaluation, list[str], Path]:
+    data_dir: Path,
+    checkpoint: Path,
+    *,
+    device: str = "auto",
+    precision: str = "auto",
+    batch_size: int = 64,
+    include_seen: bool = False,
+) -> FolderScore:
     runtime = make_runtime(device, precision)
     model, meta = load_checkpoint(checkpoint, runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     root = evaluation_root(data_dir)
     classes, samples = scan(root, meta.classes)
+    skipped = 0
+    if meta.seen and not include_seen:
+        seen = set(meta.seen)
+        unseen = [s for s in samples if photo_digest(s.path) not in seen]
+        skipped = len(samples) - len(unseen)
+        if not unseen:
+            raise DatasetError(
+                f"all {len(samples)} photos in {root} trained or tuned this model (its train, validation or "
+                "calibration split): scoring them would overstate its accuracy. Score photos it never saw, or "
+                "pass --include-seen to score them anyway"
+            )
+        samples = unseen
     with progress_bar(len(samples), f"decoding {root.name}") as advance:
         dataset = DecodedImages(samples, meta.image_size, progress=advance)
     loader = DataLoader(dataset, batch_size=batch_size)
     normalizer = Normalizer(meta.mean, meta.std, runtime.device, channels_last=runtime.channels_last)
     probs, labels = predict(model, loader, runtime, normalizer)
-    return evaluate_predictions(probs, labels, classes), classes, root
+    return FolderScore(evaluate_predictions(probs, labels, classes), classes, root, probs, labels, skipped)

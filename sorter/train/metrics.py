@@ -88,3 +88,20 @@ def evaluate_predictions(probs: np.ndarray, labels: np.ndarray, classes: list[st
         ],
         confusion=cm,
     )
+
+
+def risk_coverage(probs: np.ndarray, labels: np.ndarray, target_error: float = 0.005) -> dict[str, Any]:
+    """What a line manager sets ``min_confidence`` from: for each threshold, the share of items sent to
+    review (confidence below it) and the error rate of the items routed; and the lowest threshold whose
+    routed error is at most ``target_error`` (None if no threshold reaches it)."""
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    n = len(labels)
+    curve = []
+    for t in np.round(np.linspace(0.0, 0.99, 100), 4):
+        routed = confidence >= t
+        k = int(routed.sum())
+        error = float(1 - correct[routed].mean()) if k else 0.0
+        curve.append({"threshold": float(t), "review_share": 1 - k / n if n else 0.0, "routed_error": error})
+    suggested = next((c for c in curve if c["review_share"] < 1 and c["routed_error"] <= target_error), None)
+    return {"target_error": target_error, "suggested_min_confidence": suggested, "curve": curve}

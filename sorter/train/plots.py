@@ -34,6 +34,31 @@ def plot_training_curves(history: Sequence[dict[str, Any]], out: Path) -> None:
     plt.close(fig)
 
 
+def plot_risk_coverage(rc: dict, out: Path, title: str = "") -> None:
+    """Share sent to review vs error of what is routed, one point per confidence threshold."""
+    curve = rc["curve"]
+    review = [100 * c["review_share"] for c in curve]
+    error = [100 * c["routed_error"] for c in curve]
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    ax.plot(review, error, "-", color="#1f77b4")
+    for c in curve[::10]:
+        ax.annotate(f"{c['threshold']:.1f}", (100 * c["review_share"], 100 * c["routed_error"]), fontsize=7)
+    target = 100 * rc["target_error"]
+    ax.axhline(target, color="grey", linestyle=":", label=f"target error {target:.1f}%")
+    if rc["suggested_min_confidence"]:
+        s = rc["suggested_min_confidence"]
+        ax.plot([100 * s["review_share"]], [100 * s["routed_error"]], "o", color="#d62728",
+                label=f"min_confidence {s['threshold']:.2f}: {100 * s['review_share']:.1f}% to review")  # fmt: skip
+    ax.set_xlabel("items sent to review (%)")
+    ax.set_ylabel("error among routed items (%)")
+    ax.set_title(title or "risk-coverage (numbers: confidence threshold)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def plot_confusion(cm: np.ndarray, classes: Sequence[str], out: Path, title: str = "") -> None:
     k = len(classes)
     size = max(5.0, 0.45 * k + 2)
@@ -66,18 +91,26 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], out: Path, title: str
 
 
 def plot_attention(
-    rgb: np.ndarray, attention: np.ndarray, top: Sequence[tuple[str, float]], out: Path, title: str = ""
+    rgb: np.ndarray,
+    maps: Sequence[tuple[str, np.ndarray, tuple[float, float]]],
+    top: Sequence[tuple[str, float]],
+    out: Path,
+    title: str = "",
 ) -> None:
-    """Photo, attention heat map over it (``attention`` at photo size, in [0, 1]) and the top-k."""
-    fig, (ax_img, ax_att, ax_bar) = plt.subplots(1, 3, figsize=(14, 4.2), gridspec_kw={"width_ratios": [4, 4, 3]})
-    ax_img.imshow(rgb)
-    ax_img.set_title("photo")
-    ax_att.imshow(rgb)
-    im = ax_att.imshow(attention, cmap="jet", alpha=0.45, vmin=0, vmax=1)
-    ax_att.set_title("spatial attention A (relative)")
-    fig.colorbar(im, ax=ax_att, fraction=0.035)
-    for ax in (ax_img, ax_att):
+    """The photo, each ``(title, map at photo size, (vmin, vmax))`` over it, and the top-k predictions."""
+    n = len(maps)
+    ratios = [4] * (n + 1) + [3]
+    fig, axes = plt.subplots(1, n + 2, figsize=(4 * (n + 1) + 3, 4.2), gridspec_kw={"width_ratios": ratios})
+    axes[0].imshow(rgb)
+    axes[0].set_title("photo")
+    for ax, (name, heat, (vmin, vmax)) in zip(axes[1 : n + 1], maps, strict=True):
+        ax.imshow(rgb)
+        im = ax.imshow(heat, cmap="jet", alpha=0.45, vmin=vmin, vmax=vmax)
+        ax.set_title(name, fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.035)
+    for ax in axes[: n + 1]:
         ax.axis("off")
+    ax_bar = axes[-1]
     labels = [t[0] for t in top][::-1]
     probs = [t[1] for t in top][::-1]
     ax_bar.barh(range(len(top)), probs, color="tab:blue")
@@ -87,7 +120,7 @@ def plot_attention(
     for i, p in enumerate(probs):
         ax_bar.text(min(p + 0.02, 0.85), i, f"{p:.3f}", va="center", fontsize=8)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from sorter.data.folder import DecodedImages, Splits, fingerprint, load_splits, read_skus
+from sorter.data.folder import DecodedImages, Splits, fingerprint, load_splits, photo_digest, read_skus
 from sorter.logs import get_logger
 from sorter.model.backbones import IMAGENET_MEAN, IMAGENET_STD
 from sorter.model.checkpoint import ModelMeta, save_checkpoint
@@ -56,7 +56,8 @@ class TrainConfig:
     weight_decay: float = 0.01
     label_smoothing: float = 0.1
     patience: int = 3
-    val_fraction: float = 0.2
+    val_fraction: float = 0.2  # of the photos left after the test split: half validation, half calibration
+    test_fraction: float = 0.1  # held out from a flat tree (DATA/test, when present, is used instead)
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
@@ -65,6 +66,10 @@ class TrainConfig:
     attention: bool = True
     num_workers: int = 0
     model_version: str | None = None
+    augment: str = "belt"
+    bn: str = "train"  # batch-norm statistics while fine-tuning: "train" (adapt) or "frozen" (ImageNet's)
+    ema: float = 0.0  # weight EMA decay per step (0: off)
+    dropout: float = 0.2
 
     def phase_epochs(self) -> tuple[int, int]:
         if self.epochs < 1:
@@ -82,9 +87,10 @@ class TrainConfig:
 class TrainResult:
     checkpoint: Path
     meta: ModelMeta
-    evaluation: Evaluation
+    evaluation: Evaluation  # the validation split, calibrated
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    test: Evaluation | None = None  # the held-out test split, when the data has one
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -99,10 +105,14 @@ def freeze_backbone(model: AttentionClassifier, frozen: bool) -> None:
         p.requires_grad_(not frozen)
 
 
-def set_train_mode(model: AttentionClassifier, *, backbone_frozen: bool) -> None:
+def set_train_mode(model: AttentionClassifier, *, backbone_frozen: bool, bn_frozen: bool = False) -> None:
     model.train()
     if backbone_frozen:
         model.backbone.eval()  # keep ImageNet batch-norm statistics while the backbone is frozen
+    elif bn_frozen:
+        for m in model.backbone.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
 
 
 def _cosine_with_warmup(optimizer: torch.optim.Optimizer, steps: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -128,6 +138,7 @@ class Trainer:
             pretrained=config.pretrained,
             weights=config.weights,
             attention=config.attention,
+            dropout=config.dropout,
         )
         self.model.to(self.runtime.device)
         if self.runtime.channels_last:
@@ -136,33 +147,48 @@ class Trainer:
             IMAGENET_MEAN, IMAGENET_STD, self.runtime.device, channels_last=self.runtime.channels_last
         )
         self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        self.ema = (
+            torch.optim.swa_utils.AveragedModel(
+                self.model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema), use_buffers=True
+            )
+            if config.ema
+            else None
+        )
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.runtime.precision == "fp16")
         self.history: list[dict[str, Any]] = []
 
-    def _loaders(self) -> tuple[DataLoader, DataLoader]:
+    def _loaders(self) -> dict[str, DataLoader]:
+        """Train (augmented, shuffled), validation, calibration and test loaders (empty splits: None)."""
         c = self.config
-        total = len(self.splits.train) + len(self.splits.val)
-        with progress_bar(total, "decoding images") as advance:
-            train = DecodedImages(
-                self.splits.train, c.image_size, transform=train_transform(c.image_size), progress=advance
-            )
-            val = DecodedImages(self.splits.val, c.image_size, progress=advance)
+        sp = self.splits
+        with progress_bar(len(sp.train) + len(sp.val) + len(sp.calib) + len(sp.test), "decoding images") as advance:
+            train = DecodedImages(sp.train, c.image_size, transform=train_transform(c.image_size, c.augment),
+                                  progress=advance)  # fmt: skip
+            held = {name: DecodedImages(getattr(sp, name), c.image_size, progress=advance) if getattr(sp, name)
+                    else None for name in ("val", "calib", "test")}  # fmt: skip
         pin = self.runtime.device.type == "cuda"
         kw = {"num_workers": c.num_workers, "pin_memory": pin, "persistent_workers": c.num_workers > 0}
-        return (
-            DataLoader(
+        loaders = {
+            "train": DataLoader(
                 train,
                 batch_size=c.batch_size,
                 shuffle=True,
                 drop_last=len(train) > c.batch_size,
                 generator=self.generator,
                 **kw,
-            ),
-            DataLoader(val, batch_size=c.batch_size * 2, **kw),
-        )
+            )
+        }
+        for name, data in held.items():
+            loaders[name] = DataLoader(data, batch_size=c.batch_size * 2, **kw) if data is not None else None
+        return loaders
+
+    @property
+    def evaluated(self) -> AttentionClassifier:
+        """The weights validation sees (and the checkpoint keeps): the EMA average when there is one."""
+        return self.ema.module if self.ema is not None else self.model
 
     def _validate(self, loader: DataLoader) -> Evaluation:
-        probs, labels = predict(self.model, loader, self.runtime, self.normalizer)
+        probs, labels = predict(self.evaluated, loader, self.runtime, self.normalizer)
         return evaluate_predictions(probs, labels, self.splits.classes)
 
     def _run_phase(
@@ -193,7 +219,7 @@ class Trainer:
                 task = progress.add_task(
                     f"phase {phase} ({name}) epoch {local_epoch + 1}/{epochs}", total=len(train_loader), info=""
                 )
-                set_train_mode(self.model, backbone_frozen=frozen)
+                set_train_mode(self.model, backbone_frozen=frozen, bn_frozen=c.bn == "frozen")
                 started = time.perf_counter()
                 loss_sum, correct, seen = 0.0, 0, 0
                 for images, targets in train_loader:
@@ -207,6 +233,8 @@ class Trainer:
                     self.scaler.step(optimizer)
                     self.scaler.update()
                     scheduler.step()
+                    if self.ema is not None:
+                        self.ema.update_parameters(self.model)
                     loss_sum += loss.item() * targets.shape[0]
                     correct += int((logits.argmax(1) == targets).sum())
                     seen += targets.shape[0]
@@ -229,7 +257,10 @@ class Trainer:
                 log.info("train.epoch", **{k: round(v, 5) if isinstance(v, float) else v for k, v in record.items()})
                 if (val.accuracy, -val.nll) > (best["accuracy"], -best["nll"]):
                     best.update(
-                        accuracy=val.accuracy, nll=val.nll, epoch=epoch, state=copy.deepcopy(self.model.state_dict())
+                        accuracy=val.accuracy,
+                        nll=val.nll,
+                        epoch=epoch,
+                        state=copy.deepcopy(self.evaluated.state_dict()),
                     )
                     stale = 0
                 else:
@@ -248,53 +279,86 @@ class Trainer:
             classes=len(self.splits.classes),
             train_images=len(self.splits.train),
             val_images=len(self.splits.val),
+            calib_images=len(self.splits.calib),
+            test_images=len(self.splits.test),
             device=str(self.runtime.device),
             precision=self.runtime.precision,
             weights=self.weights_source.kind if self.weights_source else "random",
             head_epochs=head_epochs,
             finetune_epochs=finetune_epochs,
         )
-        train_loader, val_loader = self._loaders()
+        loaders = self._loaders()
+        train_loader, val_loader = loaders["train"], loaders["val"]
         best: dict[str, Any] = {"accuracy": -1.0, "nll": math.inf, "epoch": 0, "state": None}
         if head_epochs:
             self._run_phase(1, head_epochs, train_loader, val_loader, best)
         if finetune_epochs:
             self._run_phase(2, finetune_epochs, train_loader, val_loader, best)
         self.model.load_state_dict(best["state"])
-        logits, labels = predict_logits(self.model, val_loader, self.runtime, self.normalizer)
+        self.ema = None  # from here on the model holds the best weights (averaged or not)
+        # the temperature comes from its own split: the one that picked the epoch would flatter it
+        calib_name = "calib" if loaders["calib"] is not None else "val"
+        logits, labels = predict_logits(self.model, loaders[calib_name], self.runtime, self.normalizer)
         uncalibrated = evaluate_predictions(torch.softmax(logits, dim=1).numpy(), labels.numpy(), self.splits.classes)
         temperature = fit_temperature(logits, labels)
         self.model.temperature.fill_(temperature)
+        calibrated = self._validate(loaders[calib_name])
         evaluation = self._validate(val_loader)
+        test = self._validate(loaders["test"]) if loaders["test"] is not None else None
         log.info(
             "train.calibrated",
+            split=calib_name,
+            photos=calibrated.n,
             temperature=round(temperature, 4),
             ece_before=round(uncalibrated.ece, 4),
-            ece_after=round(evaluation.ece, 4),
+            ece_after=round(calibrated.ece, 4),
         )
+        if test is None:
+            log.warning("train.no_test_split", why="the data has no held-out test photos: validation figures only")
         seconds = time.perf_counter() - started
-        meta = self._meta(evaluation, best["epoch"], seconds, uncalibrated.ece, temperature)
+        meta = self._meta(evaluation, test, best["epoch"], seconds, uncalibrated.ece, calibrated.ece, temperature)
         save_checkpoint(self.out, self.model, meta)
-        self._write_reports(meta, evaluation, seconds)
+        self._write_reports(meta, evaluation, test, seconds)
         log.info(
             "train.done",
             checkpoint=str(self.out),
             model_version=meta.model_version,
             val_accuracy=round(evaluation.accuracy, 4),
-            val_macro_f1=round(evaluation.macro_f1, 4),
-            val_ece=round(evaluation.ece, 4),
+            test_accuracy=round(test.accuracy, 4) if test else None,
+            test_ece=round(test.ece, 4) if test else None,
             best_epoch=best["epoch"],
             seconds=round(seconds, 1),
         )
-        return TrainResult(self.out, meta, evaluation, self.history, seconds)
+        return TrainResult(self.out, meta, evaluation, self.history, seconds, test)
 
     def _meta(
-        self, evaluation: Evaluation, best_epoch: int, seconds: float, ece_uncalibrated: float, temperature: float
+        self,
+        evaluation: Evaluation,
+        test: Evaluation | None,
+        best_epoch: int,
+        seconds: float,
+        ece_uncalibrated: float,
+        ece_calibrated: float,
+        temperature: float,
     ) -> ModelMeta:
         c = self.config
-        data_print = fingerprint(self.splits.root, self.splits.train + self.splits.val)
+        seen = self.splits.seen
+        data_print = fingerprint(self.splits.root, seen)
         stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
         config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(c).items()}
+        metrics = {
+            "val_accuracy": evaluation.accuracy,
+            "val_macro_f1": evaluation.macro_f1,
+            "val_ece": evaluation.ece,
+            "val_nll": evaluation.nll,
+            "calib_ece_uncalibrated": ece_uncalibrated,
+            "calib_ece": ece_calibrated,
+            "temperature": temperature,
+            "best_epoch": float(best_epoch),
+            "train_seconds": seconds,
+        }
+        if test is not None:
+            metrics |= {"test_accuracy": test.accuracy, "test_macro_f1": test.macro_f1, "test_ece": test.ece}
         return ModelMeta(
             backbone=c.backbone,
             attention=c.attention,
@@ -305,31 +369,25 @@ class Trainer:
             std=IMAGENET_STD,
             model_version=c.model_version or f"{c.backbone}-{stamp}-{data_print[:8]}",
             data_fingerprint=data_print,
-            metrics={
-                "val_accuracy": evaluation.accuracy,
-                "val_macro_f1": evaluation.macro_f1,
-                "val_ece": evaluation.ece,
-                "val_ece_uncalibrated": ece_uncalibrated,
-                "temperature": temperature,
-                "val_nll": evaluation.nll,
-                "best_epoch": float(best_epoch),
-                "train_seconds": seconds,
-            },
+            metrics=metrics,
             train_config=config
             | {
                 "weights_source": self.weights_source.kind if self.weights_source else "random",
                 "precision": self.runtime.precision,
                 "device": str(self.runtime.device),
+                "splits": {name: len(getattr(self.splits, name)) for name in ("train", "val", "calib", "test")},
             },
+            seen=sorted(photo_digest(s.path) for s in seen),
         )
 
-    def _write_reports(self, meta: ModelMeta, evaluation: Evaluation, seconds: float) -> None:
+    def _write_reports(self, meta: ModelMeta, evaluation: Evaluation, test: Evaluation | None, seconds: float):
         stem = self.out.with_suffix("")
         report = {
             "model_version": meta.model_version,
             "classes": meta.classes,
             "seconds": seconds,
             "validation": evaluation.summary(),
+            "test": test.summary() if test is not None else None,
             "history": self.history,
             "train_config": meta.train_config,
         }
@@ -338,5 +396,5 @@ class Trainer:
 
 
 def train(data_dir: Path, out: Path, config: TrainConfig) -> TrainResult:
-    splits = load_splits(data_dir, config.val_fraction, config.seed)
+    splits = load_splits(data_dir, config.val_fraction, config.seed, config.test_fraction)
     return Trainer(config, splits, out=out).fit()
