@@ -25,10 +25,17 @@ out_console = Console()
 
 @app.callback()
 def _root(
-    log_level: Annotated[str, typer.Option(help="debug, info, warning or error")] = "info",
-    log_format: Annotated[str, typer.Option(help="json (one event per line) or console")] = "json",
+    log_level: Annotated[
+        str | None, typer.Option(help="debug, info, warning or error (default: SORTER_LOG_LEVEL, else info)")
+    ] = None,
+    log_format: Annotated[str, typer.Option(help="json (one event per line) or console (for a terminal)")] = "json",
 ) -> None:
-    configure_logging(log_level, json=log_format == "json")
+    global _LOG_LEVEL_FLAG
+    _LOG_LEVEL_FLAG = log_level
+    configure_logging(log_level or "info", log_format)  # unknown value: ConfigError, one line from main(), exit 2
+
+
+_LOG_LEVEL_FLAG: str | None = None  # `sorter --log-level X run` wins over SORTER_LOG_LEVEL and the config file
 
 
 @app.command()
@@ -72,8 +79,10 @@ def train(
     data_dir: Annotated[Path, typer.Argument(help="ImageFolder tree (DATA/<label>/*.jpg, or DATA/train + DATA/val)")],
     out: Annotated[Path, typer.Option("--out", "-o", help="checkpoint file to write")],
     backbone: Annotated[str, typer.Option(help="resnet18 or mobilenet_v2")] = "resnet18",
-    epochs: Annotated[int, typer.Option(help="total epochs over both phases")] = 10,
-    head_epochs: Annotated[int | None, typer.Option(help="phase-1 epochs (frozen backbone); default 40%")] = None,
+    epochs: Annotated[
+        int | None, typer.Option(help="total epochs over both phases (default: from the dataset size)")
+    ] = None,
+    head_epochs: Annotated[int | None, typer.Option(help="phase-1 epochs (frozen backbone); default 15%")] = None,
     image_size: Annotated[int, typer.Option(help="square model input, pixels")] = 224,
     batch_size: Annotated[int, typer.Option()] = 32,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
@@ -83,6 +92,9 @@ def train(
     ] = True,
     weights: Annotated[Path | None, typer.Option(help="ImageNet weights file for the backbone")] = None,
     attention: Annotated[bool, typer.Option("--attention/--no-attention", help="spatial attention head")] = True,
+    pool: Annotated[str, typer.Option(help="attention (A-weighted mean of X) or mean (mean of A*X)")] = "attention",
+    augment: Annotated[str, typer.Option(help="none, light, belt or belt-any-angle (see README)")] = "light",
+    ema: Annotated[float, typer.Option(help="weight EMA decay per step; 0 turns it off")] = 0.995,
     seed: Annotated[int, typer.Option()] = 0,
     patience: Annotated[int, typer.Option(help="early-stopping patience, epochs")] = 3,
     val_fraction: Annotated[
@@ -109,6 +121,9 @@ def train(
         pretrained=pretrained,
         weights=weights,
         attention=attention,
+        pool=pool,
+        augment=augment,
+        ema=ema,
         seed=seed,
         patience=patience,
         val_fraction=val_fraction,
@@ -271,7 +286,7 @@ def run(
         model={k: v for k, v in {"checkpoint": checkpoint, "device": device}.items() if v} or None,
         routes=routes,
     )
-    configure_logging(settings.log_level)
+    configure_logging(_LOG_LEVEL_FLAG or settings.log_level)
     worker = build_worker(settings)
     worker.install_signal_handlers()
     worker.run(max_frames=max_frames, idle_exit_s=idle_exit)

@@ -20,7 +20,7 @@ log = get_logger("sorter.demo")
 DEMO_CLASSES = 10
 DEMO_SIZE = (320, 240)
 #: Bump when the demo recipe changes, so a stale cached model is retrained rather than reused.
-DEMO_RECIPE = "v1-mobilenet_v2-128px-10cls"
+DEMO_RECIPE = "v2-mobilenet_v2-128px-10cls"  # v2: the recipe of issue #14 (attention pooling, frozen BN)
 
 
 @dataclass(frozen=True)

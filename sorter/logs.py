@@ -3,23 +3,37 @@
 from __future__ import annotations
 
 import logging
+import sys
 from typing import TextIO
 
 import structlog
 
+from sorter.errors import ConfigError
+
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+FORMATS = ("json", "console")
+_format = "json"  # the format chosen last: a later call that sets only the level keeps it
 
 
-def configure_logging(level: str = "info", *, json: bool = True, stream: TextIO | None = None) -> None:
-    """Configure structlog once for the process.
+def configure_logging(level: str = "info", fmt: str | None = None, *, stream: TextIO | None = None) -> None:
+    """Configure structlog for the process (again: a command that reads the level from its settings).
 
-    ``json=True`` is what containers want (ops pipe it to ``jq``); ``json=False`` renders for a terminal.
+    ``json`` is what containers want (ops pipe it to ``jq``); ``console`` renders for a person, in colour
+    only on a terminal. ``fmt=None`` keeps the format chosen before (``sorter --log-format console run``).
+    Unknown values raise :class:`ConfigError` (one line, exit 2 from the CLI).
     """
-    try:
-        numeric = _LEVELS[level.lower()]
-    except KeyError:
-        raise ValueError(f"log level must be one of {sorted(_LEVELS)}, got {level!r}") from None
-    renderer = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
+    global _format
+    numeric = _LEVELS.get(level.lower())
+    if numeric is None:
+        raise ConfigError(f"log level {level!r} is not one of {', '.join(_LEVELS)} (--log-level, SORTER_LOG_LEVEL)")
+    fmt = _format if fmt is None else fmt.lower()
+    if fmt not in FORMATS:
+        raise ConfigError(f"log format {fmt!r} is not one of {', '.join(FORMATS)} (--log-format)")
+    _format = fmt
+    if fmt == "json":
+        renderer = structlog.processors.JSONRenderer()
+    else:  # colour codes only for a terminal: piped to a file or a log collector they are noise
+        renderer = structlog.dev.ConsoleRenderer(colors=(stream or sys.stdout).isatty())
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -34,6 +48,12 @@ def configure_logging(level: str = "info", *, json: bool = True, stream: TextIO 
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
+
+
+def bound_context(**fields: object):
+    """``with bound_context(worker_id=...):`` every line logged inside carries ``fields`` (contextvars: this
+    thread, and work handed to other threads with a copy of its context)."""
+    return structlog.contextvars.bound_contextvars(**fields)
 
 
 def get_logger(name: str | None = None) -> structlog.typing.FilteringBoundLogger:

@@ -54,3 +54,20 @@ def test_needs_two_classes():
 def test_unknown_backbone_is_named():
     with pytest.raises(ValueError, match=r"unknown backbone 'vgg'.*resnet18"):
         build_classifier("vgg", 3, pretrained=False)
+
+
+def test_attention_pooling_is_blind_to_a_gate_that_rises_everywhere():
+    """pool="attention": the pooled features are an A-weighted average, so only where A is high matters."""
+    import torch
+
+    from sorter.model.classifier import build_classifier
+
+    model, _ = build_classifier("mobilenet_v2", 3, pretrained=False, pool="attention")
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    torch.nn.init.zeros_(model.attention.score.weight)
+    pooled_low, _ = model.forward_features(x)
+    torch.nn.init.constant_(model.attention.score.bias, 3.0)  # the same gate everywhere, much higher
+    pooled_high, a = model.forward_features(x)
+    torch.testing.assert_close(pooled_low, pooled_high)
+    assert float(a.mean()) > 0.9

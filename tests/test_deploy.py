@@ -3,11 +3,13 @@
 The overlays are rendered with ``kustomize`` (or ``kubectl kustomize``) when one is installed; CI has
 neither, so :func:`render` applies the subset of Kustomize the manifests use (resources, namespace,
 labels, images, strategic-merge patches of named list items, null deleting a field, patch targets and
-``allowKindChange``, with which the exactly-once overlay turns the Deployment into a StatefulSet). Every
+``allowKindChange``, with which the exactly-once overlay turns the Deployment into a StatefulSet;
+``configMapGenerator`` from files without the name hash, for the Grafana dashboard). Every
 object is then validated against the Kubernetes schemas shipped with ``kubernetes-validate`` (strict:
 unknown fields fail) or, for the custom resources, the trimmed schemas in ``deploy/schemas``; and the
 values that must agree with the worker (probe paths and port, drain deadline, group id, settings names,
-a stable transactional.id for exactly-once) are checked against the code.
+a stable transactional.id for exactly-once, every metric and label an alert or a dashboard panel reads)
+are checked against the code.
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ import pytest
 import yaml
 
 from sorter.settings import Settings, load_settings
-from sorter.stream.observe import LIVENESS_PATH, METRICS_PATH, READINESS_PATH
+from sorter.stream.observe import LATENCY_BUCKETS, LIVENESS_PATH, METRICS_PATH, READINESS_PATH
 from sorter.stream.routing import load_routing_table
+from tests.test_observe import exported_series
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 K8S_VERSION = "1.30.0"  # the oldest minor still in upstream support when this was written
-CUSTOM = {"ServiceMonitor", "ScaledObject", "TriggerAuthentication"}
+CUSTOM = {"ServiceMonitor", "PrometheusRule", "ScaledObject", "TriggerAuthentication"}
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
 WORKLOADS = {"Deployment", "StatefulSet"}
 OVERLAYS = {"cpu": "cpu", "gpu": "gpu", "exactly-once": "gpu"}  # overlay -> image flavour it runs
@@ -51,14 +54,14 @@ def _merge(base, patch, key: str | None = None):
         return out
     if isinstance(base, list) and isinstance(patch, list) and key in MERGE_KEYS:
         by = MERGE_KEYS[key]
-        out = [copy.deepcopy(x) for x in base]
+        out, added = [copy.deepcopy(x) for x in base], []
         for item in patch:
             match = next((i for i, x in enumerate(out) if x.get(by) == item.get(by)), None)
             if match is None:
-                out.append(copy.deepcopy(item))
+                added.append(copy.deepcopy(item))
             else:
                 out[match] = _merge(out[match], item)
-        return out
+        return added + out  # kustomize puts the patch's new items first
     return copy.deepcopy(patch)
 
 
@@ -77,6 +80,16 @@ def render_subset(folder: Path) -> list[dict]:
             objects += render_subset(path)
         else:
             objects += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    for generator in k.get("configMapGenerator", []):
+        options = k.get("generatorOptions", {}) | generator.get("options", {})
+        assert options.get("disableNameSuffixHash"), "the subset renderer does not compute kustomize's name hash"
+        data = {}
+        for entry in generator.get("files", []):
+            key, _, path = entry.rpartition("=")  # [key=]path
+            data[key or Path(path).name] = (folder / path).read_text()
+        metadata = {"name": generator["name"]}
+        metadata |= {field: dict(options[field]) for field in ("labels", "annotations") if options.get(field)}
+        objects.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data})
     for patch in k.get("patches", []):
         doc = yaml.safe_load((folder / patch["path"]).read_text())
         target = patch.get("target") or {"kind": doc["kind"], "name": re.escape(doc["metadata"]["name"])}
@@ -124,8 +137,8 @@ def overlay(request) -> tuple[str, dict[tuple[str, str], dict]]:
 def test_every_rendered_object_matches_its_schema(overlay):
     _, objects = overlay
     assert {kind for kind, _ in objects} >= {
-        "ConfigMap", "Service", "ServiceMonitor", "PodDisruptionBudget", "ScaledObject", "TriggerAuthentication",
-        "NetworkPolicy", "ServiceAccount",
+        "ConfigMap", "Service", "ServiceMonitor", "PrometheusRule", "PodDisruptionBudget", "ScaledObject",
+        "TriggerAuthentication", "NetworkPolicy", "ServiceAccount",
     }  # fmt: skip
     assert workload(objects)["metadata"]["name"] == "sorter"
     for (kind, name), obj in objects.items():
@@ -141,6 +154,15 @@ def test_the_schema_check_can_fail():
     bad = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"}, "spec": {"replicaz": 1}}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(bad, K8S_VERSION, strict=True)
+
+
+def test_the_custom_resource_schemas_can_fail():
+    rule = {"apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule", "metadata": {"name": "x"}}
+    schema = json.loads((DEPLOY / "schemas" / "prometheusrule.json").read_text())
+    jsonschema.validate(rule | {"spec": {"groups": [{"name": "g", "rules": [{"alert": "A", "expr": "up"}]}]}}, schema)
+    for typo in ({"alert": "A", "expresion": "up"}, {"alert": "A", "expr": "up", "for": "5 minutes"}, {"expr": "up"}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(rule | {"spec": {"groups": [{"name": "g", "rules": [typo]}]}}, schema)
 
 
 def workload(objects) -> dict:
@@ -318,6 +340,113 @@ def test_the_compose_file_wires_kafka_redis_model_worker_and_simulator():
     from sorter.demo import DEMO_CLASSES
 
     assert list(routes.routes) == [d.sku for d in catalog(DEMO_CLASSES)]  # the demo model's SKUs
+
+
+# -- alerts and dashboard -------------------------------------------------------------------------------
+# Labels Prometheus adds to every series it scrapes through the ServiceMonitor (Prometheus Operator).
+TARGET_LABELS = {"namespace", "pod", "service", "endpoint", "container", "instance", "job"}
+# Series an alert may read that another exporter provides -> their labels.
+OTHER_EXPORTERS = {"kube_pod_status_ready": {"namespace", "pod", "uid", "condition"}}  # kube-state-metrics
+METRIC_NAME = re.compile(r"\b((?:sorter|kube)_[a-z0-9_]+)\b")
+SELECTOR = re.compile(r"\b([a-z_][a-z0-9_]*)\s*\{([^}]*)\}")
+MATCHER = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)\s*\"")
+GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
+README_ALERTS = {  # the README's "Metrics and what to alert on", plus delivery blocked
+    "SorterLatencyOverBudget", "SorterLagGrowing", "SorterReviewShareHigh", "SorterDeadLetters", "SorterCacheDown",
+    "SorterProducerRestarted", "SorterSlowBatches", "SorterPodNotReady", "SorterDeliveryBlocked",
+}  # fmt: skip
+ON_CALL_PANELS = {  # what the dashboard must show: throughput, latency, lag, review share, dead letters, ...
+    "sorter_frames_consumed_total", "sorter_commands_total", "sorter_end_to_end_latency_seconds_bucket",
+    "sorter_consumer_lag_messages", "sorter_frames_dead_lettered_total", "sorter_cache_up",
+    "sorter_delivery_blocked_seconds", "sorter_assigned_partitions",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def exported() -> dict[str, set[str]]:
+    return exported_series() | OTHER_EXPORTERS
+
+
+def check_promql(expr: str, exported: dict[str, set[str]]) -> set[str]:
+    """The labels the result can carry (for annotations); fails on a metric the worker does not export or
+    a label its series do not have. A regex reading, not a parser: enough for the expressions here."""
+    assert expr.count("(") == expr.count(")") and expr.count("{") == expr.count("}"), expr
+    names = set(METRIC_NAME.findall(expr))
+    assert names, expr
+    missing = names - exported.keys()
+    assert not missing, f"{expr}: not exported: {missing}"
+    for name, matchers in SELECTOR.findall(expr):
+        labels = set(MATCHER.findall(matchers))
+        assert labels <= exported[name] | TARGET_LABELS, f"{expr}: {name} has no {labels - exported[name]}"
+    known = set().union(*(exported[n] for n in names)) | TARGET_LABELS
+    grouping = {label.strip() for g in GROUPING.findall(expr) for label in g.split(",") if label.strip()}
+    assert grouping <= known, f"{expr}: no such labels {grouping - known}"
+    return grouping or known
+
+
+def rules(objects) -> list[dict]:
+    return [r for g in objects[("PrometheusRule", "sorter")]["spec"]["groups"] for r in g["rules"]]
+
+
+def test_the_alerts_read_only_metrics_and_labels_the_worker_exports(overlay, exported):
+    _, objects = overlay
+    namespace = objects[("PrometheusRule", "sorter")]["metadata"]["namespace"]
+    alerts = {r["alert"]: r for r in rules(objects)}
+    assert set(alerts) == README_ALERTS
+    for name, rule in alerts.items():
+        labels = check_promql(rule["expr"], exported)
+        assert rule["labels"]["severity"] in {"critical", "warning"}, name
+        assert {"summary", "description"} <= rule["annotations"].keys(), name
+        for text in rule["annotations"].values():  # {{ $labels.x }} must be a label the result keeps
+            assert set(re.findall(r"\$labels\.(\w+)", text)) <= labels, (name, text)
+        for value in re.findall(r'namespace=~?"([^"$]+)"', rule["expr"]):
+            assert value == namespace, (name, "the rule's own namespace, as rendered")
+    latency = alerts["SorterLatencyOverBudget"]["expr"]
+    threshold = float(re.search(r">\s*([0-9.]+)\s*$", latency).group(1))
+    assert threshold in LATENCY_BUCKETS  # p99 is interpolated inside a bucket: at a bound it is exact
+
+
+def dashboard_exprs(dashboard: dict) -> list[str]:
+    out: list[str] = []
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("expr", "query", "definition") and isinstance(value, str) and METRIC_NAME.search(value):
+                    out.append(value)
+                else:
+                    walk(value)
+        elif isinstance(node, list):
+            for x in node:
+                walk(x)
+
+    walk(dashboard)
+    return out
+
+
+def test_the_dashboard_ships_for_the_grafana_sidecar_and_reads_only_exported_metrics(overlay, exported):
+    _, objects = overlay
+    cm = objects[("ConfigMap", "sorter-dashboard")]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"  # the sidecar's default label
+    ((key, text),) = cm["data"].items()
+    assert key == "sorter.json" and text == (DEPLOY / "base" / "dashboards" / "sorter.json").read_text()
+    assert len(text) < 200_000  # kubectl apply keeps a copy in an annotation (256 KiB at most)
+    dashboard = json.loads(text)
+    assert dashboard["uid"] and dashboard["title"]
+    panels = dashboard["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    used = set()
+    for panel in panels:
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"]["uid"] == "${datasource}" and panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            check_promql(target["expr"], exported)
+            assert 'namespace="$namespace"' in target["expr"], (panel["title"], target["expr"])
+    for expr in dashboard_exprs(dashboard):
+        used |= set(METRIC_NAME.findall(expr))
+        check_promql(re.sub(r"^label_values\((.*),\s*\w+\)$", r"\1", expr), exported)
+    assert used >= ON_CALL_PANELS, ON_CALL_PANELS - used
 
 
 @pytest.mark.skipif(not os.environ.get("SORTER_TEST_KUSTOMIZE_COMPARE"), reason="needs kustomize on PATH")

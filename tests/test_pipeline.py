@@ -126,6 +126,7 @@ def test_another_view_of_the_same_pass_is_suppressed_without_the_model(setup):
     cache.put_many({"a": _cached("dock-1", 1795700000000 - 2_000)})
     result = pipeline.process([frame("a", photo(1, 0.9))])
     assert result.commands == [] and result.cache_hits == 1 and model.seen == 0
+    assert [(h.frame.item_id, h.new_pass, h.decided_at) for h in result.hits] == [("a", False, 1795699998050)]
 
 
 def test_an_item_reaching_another_station_gets_a_command_from_the_cached_decision(setup):
@@ -138,6 +139,7 @@ def test_an_item_reaching_another_station_gets_a_command_from_the_cached_decisio
     (command,) = result.commands
     assert (command.station_id, command.sku, command.chute, command.reason) == ("dock-2", "SKU-0", "C-00", "classified")
     assert command.cached and command.confidence == 0.93 and command.model_version == "fake-0"
+    assert [(h.frame.station_id, h.new_pass) for h in result.hits] == [("dock-2", True)]
     assert result.decisions["a"]["station_id"] == "dock-2"  # the next view at dock-2 is the same pass
 
 

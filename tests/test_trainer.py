@@ -30,10 +30,19 @@ def test_phase_one_changes_the_head_and_nothing_in_the_backbone(synth_tree, tmp_
 
 
 def test_phase_split():
-    assert _config(epochs=10).phase_epochs() == (4, 6)
+    assert _config(epochs=10).phase_epochs() == (2, 8)
     assert _config(epochs=1).phase_epochs() == (1, 0)
     assert _config(epochs=5, head_epochs=2).phase_epochs() == (2, 3)
     assert _config(epochs=5, pretrained=False).phase_epochs() == (0, 5)
+
+
+def test_the_schedule_follows_the_dataset_size_not_a_fixed_epoch_count():
+    from sorter.train.trainer import auto_epochs
+
+    assert auto_epochs(4_000, 32) == 12  # 1,455 steps: the 500-photos-per-class protocol
+    assert auto_epochs(48_000, 32) == 3  # the full Fashion-MNIST training set
+    assert auto_epochs(96, 32) == 100  # a tiny set still gets its 300 steps
+    assert _config(batch_size=32).phase_epochs(4_000) == (2, 10)
 
 
 @pytest.mark.slow

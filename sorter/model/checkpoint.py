@@ -20,7 +20,7 @@ import json
 import os
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -41,6 +41,7 @@ class ModelMeta(BaseModel):
 
     backbone: str
     attention: bool = True
+    pool: Literal["mean", "attention"] = "mean"
     classes: list[str] = Field(min_length=2, description="label of each output index")
     skus: list[str] = Field(description="SKU id of each output index")
     image_size: int = Field(ge=32, le=1024)
@@ -145,7 +146,9 @@ def read_checkpoint(path: Path) -> tuple[ModelMeta, dict[str, torch.Tensor]]:
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[AttentionClassifier, ModelMeta]:
     """A verified checkpoint -> an ``eval()`` model on ``device`` and its metadata."""
     meta, state = read_checkpoint(path)
-    model, _ = build_classifier(meta.backbone, meta.num_classes, pretrained=False, attention=meta.attention)
+    model, _ = build_classifier(
+        meta.backbone, meta.num_classes, pretrained=False, attention=meta.attention, pool=meta.pool
+    )
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

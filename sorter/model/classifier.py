@@ -2,7 +2,13 @@
 
     X = trunk(image)                    (N, C, H/32, W/32)
     A = sigmoid(conv1x1(X)); Y = A * X  (N, 1, h, w), (N, C, h, w)
-    logits = linear(mean_hw(Y))         (N, classes)
+    logits = linear(mean_hw(Y))         (N, classes)           pool="mean" (the average of Y)
+    logits = linear(sum_hw(Y) / sum_hw(A))                     pool="attention"
+
+With ``pool="attention"`` the pooled features are an A-weighted average of X: a gate that rose or fell
+everywhere at once would change nothing, so A can only *redistribute* weight between places (product
+vs belt and neighbours), which is what it is for; with the plain mean, a uniform A is just a scale the
+linear layer absorbs, and the gate has little reason to separate anything.
 
 Works for any batch size, including one (the pooled features are ``mean(dim=(2, 3))``, never a bare
 ``squeeze``), and the attention map can be returned to explain a decision.
@@ -29,8 +35,12 @@ class AttentionClassifier(nn.Module):
         *,
         attention: bool = True,
         dropout: float = 0.2,
+        pool: str = "mean",
     ) -> None:
         super().__init__()
+        if pool not in ("mean", "attention"):
+            raise ValueError(f"pool must be 'mean' or 'attention', got {pool!r}")
+        self.pool = pool
         if num_classes < 2:
             raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
         self.backbone = backbone
@@ -47,9 +57,11 @@ class AttentionClassifier(nn.Module):
         features = self.backbone(x)
         if self.attention is None:
             attention_map = features.new_ones(features.shape[0], 1, *features.shape[2:])
-        else:
-            features, attention_map = self.attention(features)
-        return features.mean(dim=(2, 3)), attention_map
+            return features.mean(dim=(2, 3)), attention_map
+        gated, attention_map = self.attention(features)
+        if self.pool == "attention":
+            return gated.sum(dim=(2, 3)) / attention_map.sum(dim=(2, 3)).clamp_min(1e-6), attention_map
+        return gated.mean(dim=(2, 3)), attention_map
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_attention(x)[0]
@@ -75,6 +87,7 @@ def build_classifier(
     weights: Path | None = None,
     attention: bool = True,
     dropout: float = 0.2,
+    pool: str = "mean",
 ) -> tuple[AttentionClassifier, WeightsSource | None]:
     """Build a classifier; with ``pretrained`` the trunk gets ImageNet weights found offline.
 
@@ -87,5 +100,5 @@ def build_classifier(
     if pretrained:
         source = resolve_weights(spec, weights)
         load_trunk_weights(spec, full, trunk, source.path)
-    model = AttentionClassifier(trunk, spec.channels, num_classes, attention=attention, dropout=dropout)
+    model = AttentionClassifier(trunk, spec.channels, num_classes, attention=attention, dropout=dropout, pool=pool)
     return model, source

@@ -74,6 +74,10 @@ class Accounting:
                 "item.routed",
                 item_id=c.item_id,
                 station_id=c.station_id,
+                camera_id=c.camera_id,
+                topic=c.source.topic,
+                partition=c.source.partition,
+                offset=c.source.offset,
                 sku=c.sku,
                 label=c.label,
                 confidence=c.confidence,
@@ -82,6 +86,21 @@ class Accounting:
                 frames=c.frames,
                 cached=c.cached,
                 latency_ms=delivered_ms - c.captured_at if c.captured_at else None,
+            )
+        for h in result.hits:
+            # debug, not info: a hit changes nothing on the conveyor (a new pass also gets its item.routed line,
+            # cached=true), and on a line with several cameras per item most frames are hits, so at info they
+            # would double or triple the lines per item; batch.done counts them. Chasing one item: debug level.
+            log.debug(
+                "item.cache_hit",
+                item_id=h.frame.item_id,
+                station_id=h.frame.station_id,
+                camera_id=h.frame.camera_id,
+                topic=h.frame.raw.source.topic,
+                partition=h.frame.raw.source.partition,
+                offset=h.frame.raw.source.offset,
+                decided_at=h.decided_at,
+                new_pass=h.new_pass,
             )
         log.info(
             "batch.done",

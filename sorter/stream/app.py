@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sorter.errors import ConfigError
 from sorter.limits import check_memory
-from sorter.logs import get_logger
+from sorter.logs import bound_context, get_logger
 from sorter.settings import Settings
 from sorter.stream.cache import DecisionCache, NoCache, RedisDecisionCache
 from sorter.stream.inference import Classifier
@@ -64,6 +64,11 @@ def build_pipeline(settings: Settings) -> Pipeline:
 
 
 def build_worker(settings: Settings, *, create_topics: bool = True, **kwargs) -> Worker:
+    with bound_context(worker_id=settings.worker_id):  # start-up lines carry the worker's id too
+        return _build_worker(settings, create_topics=create_topics, **kwargs)
+
+
+def _build_worker(settings: Settings, *, create_topics: bool = True, **kwargs) -> Worker:
     pipeline = build_pipeline(settings)
     memory = check_memory(settings)  # with the model loaded: what is left must hold the frames in flight
     log.info("worker.limits", decode_threads=settings.batch.decode_threads, **memory)

@@ -1,9 +1,12 @@
-"""A thin typed layer over confluent-kafka: client configs built from ``KafkaSettings``, where clients come
-from (:class:`KafkaClients`, the seam unit tests use for in-memory fakes), message conversion, waiting for
-the broker at start-up, topic creation. Producing and committing: ``delivery.py``."""
+"""A thin typed layer over confluent-kafka: client configs built from ``KafkaSettings`` (their clients log
+through structlog: :class:`ClientLogs`), where clients come from (:class:`KafkaClients`, the seam unit tests
+use for in-memory fakes), message conversion, waiting for the broker at start-up, topic creation. Producing
+and committing: ``delivery.py``."""
 
 from __future__ import annotations
 
+import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +22,57 @@ from sorter.stream.contracts import RawFrame, Source
 
 log = get_logger("sorter.kafka")
 
+_THREAD = re.compile(r"^\[thrd:[^\]]*\]: ")  # librdkafka's internal thread name: noise for an operator
+_TAIL = re.compile(r" \(after \d+ms in state \w+[^)]*\)")  # differs at every retry of the same failure
+
+
+class ClientLogs(logging.Handler):
+    """librdkafka's own log lines as ``kafka.client_log`` events (JSON like every other line), instead of
+    raw ``%3|...|FAIL|...`` lines on stderr. A failing connect repeats at every backoff: the same line from
+    the same client (its "(after Nms in state X)" tail aside) is logged at most once per ``every_s``, and
+    the next one says how many were held back (``suppressed``).
+
+    confluent-kafka hands the lines to its ``logger`` config, ``logger.log(level, "%s [%s] %s", facility,
+    client, message)``, only while the client is served (``poll``, ``consume``, ``flush``): they come out
+    on the thread that serves it, with that thread's bound context."""
+
+    def __init__(self, every_s: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(logging.DEBUG)
+        self.every_s, self.clock = every_s, clock
+        self._seen: dict[tuple[str, str, str], list] = {}  # (client, facility, line) -> [logged at, held back]
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            facility, client, message = (str(a) for a in record.args)
+        except (TypeError, ValueError):  # not confluent-kafka's call: log it whole
+            facility, client, message = "", "", record.getMessage()
+        message = _THREAD.sub("", message)
+        key, now = (client, facility, _TAIL.sub("", message)), self.clock()
+        seen = self._seen.get(key)
+        if seen is not None and now - seen[0] < self.every_s:
+            seen[1] += 1
+            return
+        if len(self._seen) >= 1_000:  # bounded: forget the lines whose window has passed
+            self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self.every_s}
+        self._seen[key] = [now, 0]
+        log.log(
+            record.levelno,  # confluent-kafka maps syslog levels: 3 error, 4 warning, 5-6 info, 7 debug
+            "kafka.client_log",
+            client=client,
+            facility=facility,
+            message=message,
+            suppressed=seen[1] if seen else 0,
+        )
+
+
+def _client_logger() -> logging.Logger:
+    logger = logging.Logger("sorter.kafka.client", logging.DEBUG)  # not in logging's tree: nothing else prints
+    logger.addHandler(ClientLogs())
+    return logger
+
+
+CLIENT_LOGGER = _client_logger()  # in every config below: one rate limit per process, kept per client name
+
 
 def consumer_config(s: KafkaSettings) -> dict[str, object]:
     return {
@@ -33,6 +87,7 @@ def consumer_config(s: KafkaSettings) -> dict[str, object]:
         "partition.assignment.strategy": s.assignment_strategy,
         "topic.metadata.refresh.interval.ms": s.metadata_refresh_ms,
         "log.connection.close": False,  # idle-connection closes are routine, not news
+        "logger": CLIENT_LOGGER,
         # exactly-once: never read what a rolled-back transaction wrote (frames from transactional cameras)
         "isolation.level": "read_committed" if s.delivery == "exactly-once" else "read_uncommitted",
         **s.client_config(),
@@ -47,6 +102,7 @@ def producer_config(s: KafkaSettings) -> dict[str, object]:
         "linger.ms": 2,
         "message.timeout.ms": s.message_timeout_ms,
         "log.connection.close": False,
+        "logger": CLIENT_LOGGER,
         **s.client_config(),
     }
 
@@ -85,7 +141,7 @@ def to_raw(message: Message) -> RawFrame:
 
 
 def admin_config(s: KafkaSettings) -> dict[str, object]:
-    return {"bootstrap.servers": s.bootstrap_servers, **s.client_config()}
+    return {"bootstrap.servers": s.bootstrap_servers, "logger": CLIENT_LOGGER, **s.client_config()}
 
 
 class BrokerUnreachable(SorterError):
@@ -95,8 +151,15 @@ class BrokerUnreachable(SorterError):
 def wait_for_broker(s: KafkaSettings, timeout_s: float) -> None:
     """Bounded retries with exponential backoff (0.5 s, doubling to 8 s) until the cluster answers, so a
     worker started before its broker waits instead of crash-looping; past ``timeout_s`` it stops with a
-    message that says what to check."""
-    admin = AdminClient(admin_config(s))
+    message that says what to check, and why: the client's last error (connection refused, a name that
+    does not resolve, a TLS handshake or SASL failure), not just "transport failure"."""
+    causes: list[str] = []
+
+    def on_error(err: KafkaError) -> None:
+        if err.code() != KafkaError._ALL_BROKERS_DOWN:  # "1/1 brokers are down" says nothing of why
+            causes[:] = [err.str()]
+
+    admin = AdminClient(admin_config(s) | {"error_cb": on_error})
     deadline = time.monotonic() + timeout_s
     delay, attempt = 0.5, 0
     while True:
@@ -107,20 +170,23 @@ def wait_for_broker(s: KafkaSettings, timeout_s: float) -> None:
                 log.info("kafka.reachable", bootstrap_servers=s.bootstrap_servers, attempts=attempt)
             return
         except KafkaException as exc:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise BrokerUnreachable(
-                    f"no Kafka broker answered at {s.bootstrap_servers} within {timeout_s:.0f} s ({exc.args[0]}): "
-                    "check SORTER_KAFKA__BOOTSTRAP_SERVERS, the network policy and the broker"
-                ) from None
-            wait = min(delay, left)
+            admin.poll(0)  # serves error_cb (the cause) and the client's log lines
+            cause = causes[0] if causes else str(exc.args[0])
+            wait = min(delay, deadline - time.monotonic())
             log.warning(
                 "kafka.unreachable",
                 bootstrap_servers=s.bootstrap_servers,
                 attempt=attempt,
-                retry_in_s=round(wait, 1),
+                retry_in_s=round(wait, 1) if wait > 0 else None,  # None: the last attempt, giving up
                 error=str(exc.args[0]),
+                cause=cause,
             )
+            if wait <= 0:
+                raise BrokerUnreachable(
+                    f"no Kafka broker answered at {s.bootstrap_servers} within {timeout_s:.0f} s ({cause}): "
+                    "check SORTER_KAFKA__BOOTSTRAP_SERVERS, the client's TLS/SASL settings, the network policy "
+                    "and the broker"
+                ) from None
             time.sleep(wait)
             delay = min(delay * 2, 8.0)
 

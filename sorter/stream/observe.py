@@ -12,14 +12,23 @@
 Counters are updated once per batch by the worker (no per-frame locking); values that live elsewhere
 (consumer lag, Redis errors, partitions owned) are read when Prometheus scrapes, through the small
 :class:`WorkerView` protocol: this module does not know the worker.
+
+Names follow Prometheus' conventions: counters end in ``_total`` (added by the client), gauges and
+histograms in their unit (``_seconds``, ``_frames``, ``_messages``, ``_partitions``), or ``_up`` /
+``_info``. Error series exist at 0 before the first error, because ``rate()`` and ``increase()`` take a
+series' first sample as its start, and a counter born at 1 would hide the first error from an alert:
+Kafka errors for both clients and dead letters of station ``unknown`` from start-up, and a station's
+dead letters, for every reason, from the first frame or command of that station on. The alerts and the
+dashboard built on these names are in ``deploy/base/prometheusrule.yaml`` and ``deploy/base/dashboards/``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Protocol
 
@@ -28,6 +37,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from sorter.logs import get_logger
+from sorter.stream.contracts import STATION_ID_PATTERN, FrameError, RawFrame, _header, station_from_topic
 
 if TYPE_CHECKING:
     from sorter.stream.accounting import WorkerStats
@@ -39,21 +49,88 @@ METRICS_PATH, LIVENESS_PATH, READINESS_PATH = "/metrics", "/livez", "/readyz"
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10, 30)
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+KAFKA_CLIENTS = ("consumer", "producer")
+# Every reason a frame is dead-lettered for (FrameError in contracts and pipeline, FrameDecodeError in
+# preprocess and the decoder); tests/test_observe.py checks the list against the code.
+DEAD_LETTER_REASONS = (
+    "bad_header",
+    "bad_key",
+    "missing_item_id",
+    "bad_item_id",
+    "missing_station_id",
+    "bad_station_id",
+    "bad_captured_at",
+    "bad_camera_id",
+    "empty_payload",
+    "payload_too_large",
+    "unknown_format",
+    "unsupported_format",
+    "too_many_pixels",
+    "corrupt_image",
+    "undecodable",
+)
+UNKNOWN_STATION, OTHER_STATION = "unknown", "other"
+MAX_LABEL_CHARS = 64  # station label values are cut to this many characters (a station id may have 128)
+MAX_STATIONS = 256  # distinct station label values per worker; any more are counted as "other"
+
+
+def dead_letter_station(raw: RawFrame, topic_prefix: str) -> str | None:
+    """The station a dead letter came from, as far as a frame that broke the contract tells: its
+    ``station-id`` header if that is readable and a valid id, else the station its topic names."""
+    header = None
+    if raw.header_error is None:
+        with contextlib.suppress(FrameError):  # not UTF-8
+            header = _header(raw.headers, "station-id")
+    if header is not None and STATION_ID_PATTERN.match(header):
+        return header
+    return station_from_topic(raw.source.topic, topic_prefix)
+
+
+class StationLabels:
+    """Station label values with bounded cardinality: a valid station id cut to ``MAX_LABEL_CHARS``,
+    ``unknown`` where there is none, and past ``limit`` distinct stations ``other`` (a producer that
+    invents station ids must not make a series per id). ``on_new`` runs once per new station."""
+
+    def __init__(self, limit: int, on_new: Callable[[str], None]) -> None:
+        self.limit, self.on_new = limit, on_new
+        self.seen: set[str] = set()
+        self.overflowed = False
+
+    def __call__(self, station: str | None) -> str:
+        if not station or not STATION_ID_PATTERN.match(station):
+            return UNKNOWN_STATION
+        station = station[:MAX_LABEL_CHARS]
+        if station not in self.seen:
+            if len(self.seen) >= self.limit:
+                if not self.overflowed:
+                    self.overflowed = True
+                    log.warning("metrics.too_many_stations", limit=self.limit, counted_as=OTHER_STATION)
+                    self.on_new(OTHER_STATION)
+                return OTHER_STATION
+            self.seen.add(station)
+            self.on_new(station)
+        return station
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, topic_prefix: str = "frames.", max_stations: int = MAX_STATIONS) -> None:
+        self.topic_prefix = topic_prefix
         self.registry = CollectorRegistry()
         r = self.registry
         self.frames = Counter("sorter_frames_consumed", "frames read from the frame topics", ["topic"], registry=r)
         self.decoded = Counter("sorter_frames_decoded", "frames decoded and classified", registry=r)
         self.dead = Counter(
-            "sorter_frames_dead_lettered", "frames sent to the dead-letter topic", ["reason"], registry=r
+            "sorter_frames_dead_lettered",
+            "frames sent to the dead-letter topic, by the station they came from (unknown: none readable)",
+            ["station", "reason"],
+            registry=r,
         )
         self.cache = Counter("sorter_cache_lookups", "decision-cache lookups by result", ["result"], registry=r)
-        self.commands = Counter("sorter_commands", "routing commands delivered", ["chute", "reason"], registry=r)
+        self.commands = Counter(
+            "sorter_commands", "routing commands delivered", ["station", "chute", "reason"], registry=r
+        )
         self.batches = Counter("sorter_batches", "batches processed", registry=r)
-        self.batch_size = Histogram("sorter_batch_size", "frames per batch", buckets=BATCH_BUCKETS, registry=r)
+        self.batch_frames = Histogram("sorter_batch_frames", "frames per batch", buckets=BATCH_BUCKETS, registry=r)
         self.decode_s = Histogram("sorter_decode_seconds", "decode time per batch", buckets=STAGE_BUCKETS, registry=r)
         self.infer_s = Histogram("sorter_inference_seconds", "model time per batch", buckets=STAGE_BUCKETS, registry=r)
         self.batch_s = Histogram(
@@ -66,18 +143,28 @@ class Metrics:
             registry=r,
         )
         self.kafka_errors = Counter("sorter_kafka_errors", "librdkafka errors reported", ["client"], registry=r)
+        for client in KAFKA_CLIENTS:
+            self.kafka_errors.labels(client)
         self.model_info = Gauge(
             "sorter_model_info",
             "the loaded model (value 1)",
             ["backbone", "version", "classes", "image_size", "device", "precision"],
             registry=r,
         )
+        self.station = StationLabels(max_stations, self._new_station)
+        self._new_station(UNKNOWN_STATION)
+
+    def _new_station(self, station: str) -> None:
+        for reason in DEAD_LETTER_REASONS:
+            self.dead.labels(station=station, reason=reason)
 
     def observe_batch(self, result: BatchResult, frames_by_topic: dict[str, int], delivered_ms: int, seconds: float):
         for topic, n in frames_by_topic.items():
             self.frames.labels(topic).inc(n)
+            if (station := station_from_topic(topic, self.topic_prefix)) is not None:
+                self.station(station)  # its dead-letter series start at 0
         self.batches.inc()
-        self.batch_size.observe(result.frames)
+        self.batch_frames.observe(result.frames)
         self.batch_s.observe(seconds)
         if result.classified:
             self.decoded.inc(result.classified)
@@ -87,9 +174,10 @@ class Metrics:
         self.cache.labels("hit").inc(result.cache_hits)
         self.cache.labels("miss").inc(max(0, looked_up - result.cache_hits))
         for d in result.dead_letters:
-            self.dead.labels(d.reason).inc()
+            station = self.station(dead_letter_station(d.raw, self.topic_prefix))
+            self.dead.labels(station=station, reason=d.reason).inc()
         for c in result.commands:
-            self.commands.labels(c.chute, c.reason).inc()
+            self.commands.labels(station=self.station(c.station_id), chute=c.chute, reason=c.reason).inc()
             if c.captured_at:
                 self.latency.observe(max(0.0, (delivered_ms - c.captured_at) / 1000))
 
@@ -128,14 +216,14 @@ class WorkerCollector(Collector):
     def collect(self) -> Iterator:
         w = self.worker
         lag = GaugeMetricFamily(
-            "sorter_consumer_lag", "messages behind the partition end", labels=["topic", "partition"]
+            "sorter_consumer_lag_messages", "messages behind the partition end", labels=["topic", "partition"]
         )
         for (topic, partition), value in sorted(w.health.lag.items()):
             lag.add_metric([topic, str(partition)], value)
         yield lag
-        yield GaugeMetricFamily("sorter_partitions_assigned", "frame partitions owned", value=len(w.assigned))
+        yield GaugeMetricFamily("sorter_assigned_partitions", "frame partitions owned", value=len(w.assigned))
         yield GaugeMetricFamily(
-            "sorter_seconds_since_progress",
+            "sorter_progress_age_seconds",
             "since the loop last made progress",
             value=time.monotonic() - w.last_progress,
         )

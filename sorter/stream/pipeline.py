@@ -53,12 +53,23 @@ class DeadLetter:
     message: str
 
 
+@dataclass(frozen=True)
+class CacheHit:
+    """A frame of an item decided before: ``new_pass`` when a command was built from the cached decision
+    (another station, a later pass), otherwise another view of a pass already commanded (no command)."""
+
+    frame: Frame
+    decided_at: int | None
+    new_pass: bool
+
+
 @dataclass
 class BatchResult:
     commands: list[RoutingCommand] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     decisions: dict[str, dict] = field(default_factory=dict)  # item_id -> what the cache should remember
-    cache_hits: int = 0
+    hits: list[CacheHit] = field(default_factory=list)  # one per frame answered from the cache
+    cache_hits: int = 0  # len(hits)
     frames: int = 0
     classified: int = 0
     decode_s: float = 0.0
@@ -154,11 +165,14 @@ class Pipeline:
 
         known = self.cache.get_many(list(dict.fromkeys(f.item_id for f in frames)))
         fresh = [f for f in frames if f.item_id not in known]
-        result.cache_hits = len(frames) - len(fresh)
         again: dict[tuple[str, str], list[Frame]] = defaultdict(list)  # decided before, not in this pass
         for f in frames:
-            if f.item_id in known and not self._same_pass(known[f.item_id], f):
-                again[(f.item_id, f.station_id)].append(f)
+            if f.item_id in known:
+                new_pass = not self._same_pass(known[f.item_id], f)
+                result.hits.append(CacheHit(f, known[f.item_id].get("decided_at"), new_pass))
+                if new_pass:
+                    again[(f.item_id, f.station_id)].append(f)
+        result.cache_hits = len(result.hits)
         decided_at = self.clock_ms()
         for (item_id, _), views in again.items():
             self._reuse(result, known[item_id], views, decided_at)

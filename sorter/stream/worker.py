@@ -35,6 +35,7 @@ A crash anywhere before step 3 re-delivers the batch: commands may repeat (actua
 
 from __future__ import annotations
 
+import contextvars
 import os
 import queue
 import signal
@@ -48,7 +49,7 @@ from dataclasses import dataclass
 
 from confluent_kafka import KafkaError, Message, TopicPartition
 
-from sorter.logs import get_logger
+from sorter.logs import bound_context, get_logger
 from sorter.settings import Settings
 from sorter.stream.accounting import Accounting, WorkerStats
 from sorter.stream.contracts import RawFrame
@@ -99,7 +100,8 @@ class BatchSkipped(Exception):
 
 class SerialRunner:
     """Runs calls one at a time, in order, on one daemon thread: a model wedged past the shutdown deadline
-    cannot hold the process open at exit (the standard thread pools join their threads at exit)."""
+    cannot hold the process open at exit (the standard thread pools join their threads at exit). Each call
+    runs in the submitter's context (contextvars): its log lines carry what the submitter bound."""
 
     def __init__(self, name: str) -> None:
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
@@ -107,15 +109,15 @@ class SerialRunner:
 
     def submit(self, fn: Callable, *args) -> Future:
         future: Future = Future()
-        self._calls.put((future, fn, args))
+        self._calls.put((future, contextvars.copy_context(), fn, args))
         return future
 
     def _loop(self) -> None:
         while (call := self._calls.get()) is not None:
-            future, fn, args = call
+            future, context, fn, args = call
             if future.set_running_or_notify_cancel():
                 try:
-                    future.set_result(fn(*args))
+                    future.set_result(context.run(fn, *args))
                 except BaseException as exc:
                     future.set_exception(exc)
 
@@ -162,7 +164,7 @@ class Worker:
         self.pipeline = pipeline
         self.stop_event = StopSignal(settings.shutdown_deadline_s)
         self.stats = WorkerStats()
-        self.metrics = Metrics()
+        self.metrics = Metrics(topic_prefix=k.topic_prefix)
         self.health = Health()
         self.accounting = Accounting(self.stats, self.metrics, lambda: pipeline.cache.available, on_batch)
         self.server: ObservabilityServer | None = None
@@ -448,19 +450,20 @@ class Worker:
             time.sleep(self.failpoints[name])
 
     def run(self, *, max_frames: int | None = None, idle_exit_s: float | None = None) -> WorkerStats:
-        """Run until stopped (signal, ``stop_event``), ``max_frames`` handled, or idle for ``idle_exit_s``."""
+        """Run until stopped (signal, ``stop_event``), ``max_frames`` handled, or idle for ``idle_exit_s``.
+
+        Every line logged meanwhile, here and on the helper thread (client logs included), carries
+        ``worker_id`` and ``model_version``: bound once, through contextvars."""
+        context = {"worker_id": self.settings.worker_id, "model_version": self.pipeline.model.model_version}
+        with bound_context(**context):
+            return self._run(max_frames, idle_exit_s)
+
+    def _run(self, max_frames: int | None, idle_exit_s: float | None) -> WorkerStats:
         k = self.settings.kafka
         self.consumer.subscribe(
             [k.frames_pattern], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
-        log.info(
-            "worker.started",
-            worker_id=self.settings.worker_id,
-            pattern=k.frames_pattern,
-            group_id=k.group_id,
-            assignment=k.assignment_strategy,
-            model_version=self.pipeline.model.model_version,
-        )
+        log.info("worker.started", pattern=k.frames_pattern, group_id=k.group_id, assignment=k.assignment_strategy)
         o = self.settings.observe
         if o.enabled and self.server is None:
             self.server = ObservabilityServer(self, o.host, o.port, o.liveness_timeout_s).start()

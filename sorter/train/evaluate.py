@@ -41,6 +41,27 @@ def predict_logits(
     return torch.cat(logits), torch.cat(labels)
 
 
+@torch.inference_mode()
+def gate_spread(
+    model: AttentionClassifier, loader: DataLoader, runtime: Runtime, normalizer: Normalizer
+) -> dict[str, float]:
+    """How much the attention gate separates places within a photo: the mean over photos of its span
+    (max - min of A over the photo) and of its standard deviation; 0 for a model without the head."""
+    if model.attention is None:
+        return {"gate_span": 0.0, "gate_std": 0.0}
+    was_training = model.training
+    model.eval()
+    spans, stds = [], []
+    for images, _ in loader:
+        with runtime.autocast():
+            _, a = model.forward_with_attention(normalizer(images, nhwc=False))
+        a = a.float().flatten(1)
+        spans.append(a.max(dim=1).values - a.min(dim=1).values)
+        stds.append(a.std(dim=1) if a.shape[1] > 1 else torch.zeros(a.shape[0]))
+    model.train(was_training)
+    return {"gate_span": float(torch.cat(spans).mean()), "gate_std": float(torch.cat(stds).mean())}
+
+
 def predict(
     model: AttentionClassifier, loader: DataLoader, runtime: Runtime, normalizer: Normalizer
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -74,12 +74,14 @@ def test_metrics_move_readiness_follows_assignment_and_liveness_follows_progress
     wait_until(lambda: worker.stats.commands >= 8, 60, "8 commands")
     text = get(port, "/metrics")[1]
     assert metric(text, "sorter_frames_consumed_total", topic=topic) == 8
-    assert metric(text, "sorter_commands_total") == 8
+    assert metric(text, "sorter_commands_total", station="dock-1") == 8
     assert metric(text, "sorter_end_to_end_latency_seconds_count") == 8
     assert metric(text, "sorter_cache_lookups_total", result="miss") == 8
     assert metric(text, "sorter_model_info", version="it-1", backbone="mobilenet_v2") == 1
-    assert metric(text, "sorter_partitions_assigned") == 1 and metric(text, "sorter_broker_up") == 1
+    assert metric(text, "sorter_assigned_partitions") == 1 and metric(text, "sorter_broker_up") == 1
     assert metric(text, "sorter_batches_total") >= 1
+    assert metric(text, "sorter_frames_dead_lettered_total", station="dock-1", reason="corrupt_image") == 0
+    assert metric(text, "sorter_progress_age_seconds") < 60
 
     stall.set()
     produce(bootstrap, topic, frames_for([f"{namespace}-s{i}" for i in range(4)], photos(4, seed=2), "dock-1"))
