@@ -9,18 +9,20 @@ from pathlib import Path
 
 import torch
 
+FLAGS_THAT_MATTER = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
 
 def machine() -> dict:
-    cpu = "?"
+    cpu, flags = "?", []
     with contextlib.suppress(OSError, StopIteration):
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+        present = set(next(line.split(":", 1)[1] for line in lines if line.startswith("flags")).split())
+        flags = [f for f in FLAGS_THAT_MATTER if f in present]
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
         "cpu": cpu,
+        "cpu_flags": flags,
         "cores": os.cpu_count(),
         "gpu": gpu,
         "torch": torch.__version__,
