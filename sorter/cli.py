@@ -23,12 +23,23 @@ app = typer.Typer(
 out_console = Console()
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        out_console.print(f"sorter {version('sorter')}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     log_level: Annotated[
         str | None, typer.Option(help="debug, info, warning or error (default: SORTER_LOG_LEVEL, else info)")
     ] = None,
     log_format: Annotated[str, typer.Option(help="json (one event per line) or console (for a terminal)")] = "json",
+    version: Annotated[
+        bool, typer.Option("--version", help="print the version and exit", is_eager=True, callback=_print_version)
+    ] = False,
 ) -> None:
     global _LOG_LEVEL_FLAG
     _LOG_LEVEL_FLAG = log_level
@@ -57,8 +68,14 @@ def synth(
     ] = 0,
 ) -> None:
     """Generate synthetic conveyor photos of products (ImageFolder layout, plus skus.json)."""
-    from sorter.data.synth import write_dataset
+    from sorter.data.synth import catalog, write_dataset
+    from sorter.errors import ConfigError
     from sorter.progress import progress_bar
+
+    try:
+        catalog(classes)
+    except ValueError as exc:
+        raise ConfigError(f"--classes {classes}: {exc}") from None
 
     splits = [(out_dir, per_class, seed)]
     if val_per_class or test_per_class:
@@ -204,8 +221,11 @@ def explain(
     device: Annotated[str, typer.Option()] = "auto",
 ) -> None:
     """Draw the model's spatial attention over a photo, with its top-k predictions."""
+    from sorter.errors import ConfigError
     from sorter.train.explain import explain_image
 
+    if not image.is_file():
+        raise ConfigError(f"{image}: no such photo")
     result = explain_image(image, checkpoint, out, top_k=top_k, device=device)
     for label, sku, p in result.top:
         out_console.print(f"{p:7.3f}  {label}  ({sku})")
@@ -269,6 +289,12 @@ def run(
     delivery: Annotated[str | None, typer.Option(help="at-least-once (default) or exactly-once")] = None,
     max_frames: Annotated[int | None, typer.Option(help="stop after this many frames (replays, tests)")] = None,
     idle_exit: Annotated[float | None, typer.Option(help="stop after this many idle seconds")] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="/metrics, /livez, /readyz port (0: any free one, logged in observe.listening)")
+    ] = None,
+    strict_routes: Annotated[
+        bool | None, typer.Option("--strict-routes", help="routes naming no label/SKU of the model stop start-up")
+    ] = None,
 ) -> None:
     """Run the streaming worker: camera frames in, routing commands out."""
     from sorter.settings import load_settings
@@ -284,7 +310,9 @@ def run(
         kafka=kafka or None,
         redis={"url": redis_url} if redis_url else None,
         model={k: v for k, v in {"checkpoint": checkpoint, "device": device}.items() if v} or None,
+        observe={"port": metrics_port} if metrics_port is not None else None,
         routes=routes,
+        strict_routes=strict_routes,
     )
     configure_logging(_LOG_LEVEL_FLAG or settings.log_level)
     worker = build_worker(settings)

@@ -18,14 +18,25 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sorter.errors import ConfigError
 from sorter.limits import default_decode_threads
 
+# SORTER_* variables read outside the settings tree: the config file, test failpoints, the demo's cache
+# folder, and the test suite's own services.
+OTHER_VARIABLES = {"SORTER_CONFIG", "SORTER_FAILPOINTS", "SORTER_CACHE"}
+OTHER_PREFIXES = ("SORTER_TEST_", "SORTER_KAFKA__CLIENT__")
 
-class KafkaSettings(BaseModel):
+
+class Section(BaseModel):
+    """A settings section: a misspelt key is an error naming it, not a silently ignored line."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class KafkaSettings(Section):
     bootstrap_servers: str = "127.0.0.1:9092"
     group_id: str = "sorter"
     frames_pattern: str = Field(r"^frames\..+", description="regex of the camera-frame topics")
@@ -84,13 +95,25 @@ class KafkaSettings(BaseModel):
         return {k.replace("_", "."): v.get_secret_value() for k, v in self.client.items()}
 
 
-class RedisSettings(BaseModel):
+class RedisSettings(Section):
     url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
     enabled: bool = True
     ttl_s: int = Field(3_600, ge=1, description="how long an item's decision is remembered")
     key_prefix: str = "sorter:decision:"
     timeout_s: float = Field(0.25, gt=0)
     retry_after_s: float = Field(2.0, gt=0, description="wait before trying Redis again after a failure")
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, value: SecretStr) -> SecretStr:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value.get_secret_value())
+        if parts.scheme not in ("redis", "rediss", "unix") or not (parts.netloc or parts.path):
+            raise ValueError(
+                "not a Redis URL: use redis://[:password@]host:port/db, rediss://... for TLS, or unix:///path"
+            )
+        return value
+
     pass_window_ms: int = Field(
         10_000,
         ge=0,
@@ -99,7 +122,7 @@ class RedisSettings(BaseModel):
     )
 
 
-class BatchSettings(BaseModel):
+class BatchSettings(Section):
     max_size: int = Field(32, ge=1, le=1024)
     max_wait_ms: int = Field(20, ge=0, le=10_000, description="deadline to fill a batch at low traffic")
     decode_threads: int = Field(default_factory=default_decode_threads, ge=1, description="default: the pod's CPUs")
@@ -108,14 +131,14 @@ class BatchSettings(BaseModel):
     overlap: bool = Field(True, description="decode and collect the next batch while the model runs this one")
 
 
-class ModelSettings(BaseModel):
+class ModelSettings(Section):
     checkpoint: Path | None = None
     device: str = "auto"
     precision: str = "auto"
     compile: bool = Field(False, description="torch.compile the model at start-up (slower start, faster batches)")
 
 
-class ObserveSettings(BaseModel):
+class ObserveSettings(Section):
     enabled: bool = True
     host: str = "0.0.0.0"
     port: int = Field(9400, ge=0, le=65535, description="/metrics, /livez, /readyz; 0 picks a free port")
@@ -136,6 +159,7 @@ class Settings(BaseSettings):
     model: ModelSettings = Field(default_factory=ModelSettings)
     observe: ObserveSettings = Field(default_factory=ObserveSettings)
     routes: Path | None = None
+    strict_routes: bool = Field(False, description="routes naming no label or SKU of the model stop start-up")
     worker_id: str = Field(default_factory=_default_worker_id)
     shutdown_deadline_s: float = Field(20.0, gt=0, description="drain on SIGTERM within this; k8s grace period > it")
     log_level: str = "info"
@@ -154,8 +178,43 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def known_variables() -> set[str]:
+    """Every SORTER_* variable the settings tree reads (nested sections with ``__``)."""
+    names = set()
+    for field, info in Settings.model_fields.items():
+        section = info.annotation if isinstance(info.annotation, type) else None
+        if section is not None and issubclass(section, BaseModel):
+            names |= {f"SORTER_{field}__{sub}".upper() for sub in section.model_fields}
+        else:
+            names.add(f"SORTER_{field}".upper())
+    return names
+
+
+def warn_unknown_variables(environ: dict[str, str] | None = None) -> list[str]:
+    """Warn about SORTER_* variables nothing reads (e.g. one underscore where two nest a section), naming
+    the closest real one; returns them."""
+    import difflib
+
+    from sorter.logs import get_logger
+
+    environ = os.environ if environ is None else environ
+    known = known_variables()
+    unknown = [
+        k
+        for k in environ
+        if k.startswith("SORTER_") and k not in known | OTHER_VARIABLES and not k.startswith(OTHER_PREFIXES)
+    ]
+    for name in sorted(unknown):
+        close = difflib.get_close_matches(name, sorted(known | OTHER_VARIABLES), n=1, cutoff=0.8)
+        get_logger("sorter.settings").warning(
+            "settings.unknown_variable", variable=name, did_you_mean=close[0] if close else None
+        )
+    return unknown
+
+
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
     """File < environment < explicit overrides (CLI flags). Invalid settings raise ConfigError naming the field."""
+    warn_unknown_variables()
     config_file = config_file or (Path(os.environ["SORTER_CONFIG"]) if os.environ.get("SORTER_CONFIG") else None)
     file_data: dict[str, Any] = {}
     if config_file is not None:

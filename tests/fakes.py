@@ -150,8 +150,7 @@ class FakeConsumer:
         self.assigned: list[tuple[str, int]] = []
         self.paused: set[tuple[str, int]] = set()
         self.position: dict[tuple[str, int], int] = {}
-        self.events: list[tuple[str, list[tuple[str, int]]]] = []
-        self.events_at = 0
+        self.events: list[tuple[int, float, str, list[tuple[str, int]]]] = []  # (due call, due time, event)
         self.max_per_call = 1_000_000  # at most this many messages per consume(), as a fetch may return few
         self.commits: list[list[tuple[str, int, int]]] = []
         self.closed = False
@@ -159,12 +158,14 @@ class FakeConsumer:
         self._assigned_in_callback = False
 
     # -- what the test drives ------------------------------------------------------------------
-    def schedule(self, *events: tuple[str, list[tuple[str, int]]], after_calls: int = 0) -> None:
+    def schedule(
+        self, *events: tuple[str, list[tuple[str, int]]], after_calls: int = 0, after_s: float = 0.0
+    ) -> None:
         """Rebalance events (``("revoke" | "assign" | "lost", [(topic, partition), ...])``) to run inside
-        the next ``consume()``/``poll()`` (or the one ``after_calls`` later), before it fetches, as
-        librdkafka runs them."""
-        self.events_at = self.consume_calls + 1 + after_calls
-        self.events.extend(events)
+        the next ``consume()``/``poll()`` (or the first one ``after_calls`` calls and ``after_s`` seconds
+        later), before it fetches, as librdkafka runs them. Events run in the order they were scheduled."""
+        due_call, due_time = self.consume_calls + 1 + after_calls, time.monotonic() + after_s
+        self.events.extend((due_call, due_time, kind, parts) for kind, parts in events)
 
     # -- the Consumer API ----------------------------------------------------------------------
     def subscribe(self, topics, on_assign=None, on_revoke=None, on_lost=None) -> None:
@@ -172,8 +173,8 @@ class FakeConsumer:
         self.callbacks = {"assign": on_assign, "revoke": on_revoke, "lost": on_lost or on_revoke}
 
     def _run_events(self) -> None:
-        while self.events and self.consume_calls >= self.events_at:
-            kind, parts = self.events.pop(0)
+        while self.events and self.consume_calls >= self.events[0][0] and time.monotonic() >= self.events[0][1]:
+            _, _, kind, parts = self.events.pop(0)
             if kind in ("revoke", "lost") and not self.cooperative:
                 parts = list(self.assigned)  # eager: every partition goes
             tps = [TopicPartition(t, p) for t, p in parts]

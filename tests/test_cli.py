@@ -121,3 +121,50 @@ def test_resnet18_without_offline_weights_explains_the_fix(tmp_path):
     )
     assert proc.returncode == 2
     assert "--no-pretrained" in proc.stderr and "--weights" in proc.stderr
+
+
+def _fails_in_one_line(*args: str, timeout: float = 120) -> str:
+    proc = subprocess.run([sys.executable, "-m", "sorter", *args], capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
+    return lines[0]
+
+
+def test_user_mistakes_are_one_line_and_exit_2(tmp_path):
+    from tests.test_evaluate import _checkpoint
+
+    ckpt = _checkpoint(tmp_path / "m.pt", set())
+    assert "nope.jpg" in _fails_in_one_line(
+        "explain", str(tmp_path / "nope.jpg"), "--checkpoint", str(ckpt), "--out", str(tmp_path / "o.png")
+    )
+    assert "--classes" in _fails_in_one_line("synth", str(tmp_path / "s"), "--classes", "0")
+
+
+def test_version():
+    from importlib.metadata import version
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and version("sorter") in result.output
+
+
+def test_a_busy_metrics_port_is_one_message_before_the_model_loads(tmp_path):
+    import socket
+
+    from sorter.errors import ConfigError
+    from sorter.settings import load_settings
+    from sorter.stream.app import build_worker
+
+    routes = tmp_path / "routes.yaml"
+    routes.write_text("default_chute: C-99\nreview_chute: REVIEW\n")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        settings = load_settings(
+            observe={"host": "127.0.0.1", "port": port},
+            routes=routes,
+            model={"checkpoint": tmp_path / "not-loaded-yet.pt"},
+        )
+        with pytest.raises(ConfigError, match=rf"port {port}.*--metrics-port"):
+            build_worker(settings)

@@ -605,3 +605,44 @@ def test_a_nan_confidence_goes_to_review_and_stops_nothing():
     w.run(idle_exit_s=0.5)
     chutes = {json.loads(m.value())["item_id"]: json.loads(m.value())["chute"] for m in cluster.messages(COMMANDS)}
     assert set(chutes) == set(items) and chutes["i1"] == "REVIEW" and chutes["i0"] == "C-00"
+
+
+def test_idle_exit_counts_from_the_assignment_not_from_start_up():
+    """A group join takes seconds; --idle-exit must not end the run before the worker got any partition."""
+    cluster = FakeCluster()
+    items = backlog(cluster, 4)
+    w = new_worker(cluster, settings())
+    w.consumer.schedule(("assign", [(TOPIC, 0)]), after_calls=60)  # joins after ~0.3 s of polling
+    w.run(idle_exit_s=0.1)
+    assert sorted(routed(cluster)) == sorted(items)
+
+
+def test_idle_exit_with_no_partition_ever_assigned_is_an_error_that_says_what_to_check():
+    from sorter.errors import SorterError
+
+    cluster = FakeCluster()
+    w = new_worker(cluster, settings())
+    w.consumer.schedule(("assign", []))  # joined, but the pattern matched nothing (or others own it all)
+    with pytest.raises(SorterError, match=r"no partition.*FRAMES_PATTERN"):
+        w.run(idle_exit_s=0.2)
+
+
+def test_idle_exit_waits_out_a_rebalance_that_hands_a_backlog_over():
+    """A cooperative handover on a slow coordinator: this worker is idle, the group rebalances (an empty
+    incremental assignment first), and a partition with a backlog (left by a worker that went away) arrives
+    later than --idle-exit after the last frame but sooner than it after the rebalance began. Exiting in
+    between would leave that backlog to nobody."""
+    cluster = FakeCluster()
+    cluster.create(TOPIC, 2)
+    mine = [f"i{i}" for i in range(3)]
+    theirs = [f"j{i}" for i in range(4)]
+    for partition, batch in ((0, mine), (1, theirs)):
+        for item in batch:
+            headers = [("item-id", item.encode()), ("captured-at", str(NOW_MS).encode())]
+            cluster.append(TOPIC, photo(0, 0.9), item.encode(), headers, partition=partition)
+    w = new_worker(cluster, settings())
+    w.consumer.schedule(("assign", [(TOPIC, 0)]))
+    w.consumer.schedule(("assign", []), after_s=0.6)  # the rebalance begins: nothing changes here yet
+    w.consumer.schedule(("assign", [(TOPIC, 1)]), after_s=1.3)  # the handover completes
+    w.run(idle_exit_s=1.0)
+    assert sorted(routed(cluster)) == sorted(mine + theirs)

@@ -72,3 +72,25 @@ def test_bad_tables_name_the_field(tmp_path, text, field):
 def test_missing_table(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_routing_table(tmp_path / "nope.yaml")
+
+
+def test_routes_the_model_cannot_produce_are_named_with_the_closest_label():
+    import pytest
+    from structlog.testing import capture_logs
+
+    from sorter.errors import ConfigError
+    from sorter.stream.routing import RoutingTable, check_routes
+
+    table = RoutingTable(
+        default_chute="C-99",
+        review_chute="REVIEW",
+        routes={"SKU-1": "C-01", "botle-yellow-dots": "C-02"},
+        stations={"dock-7": {"routes": {"SKU-9": "C-11"}}},
+    )
+    with capture_logs() as logs:
+        unknown = check_routes(table, classes=["bottle-yellow-dots", "box"], skus=["SKU-1", "SKU-2"])
+    assert unknown == ["botle-yellow-dots", "stations.dock-7.SKU-9"]
+    events = [e for e in logs if e["event"] == "routes.unknown_key"]
+    assert events[0]["did_you_mean"] == "bottle-yellow-dots" and len(events) == 2
+    with pytest.raises(ConfigError, match="botle-yellow-dots"):
+        check_routes(table, classes=["bottle-yellow-dots", "box"], skus=["SKU-1", "SKU-2"], strict=True)

@@ -76,3 +76,27 @@ def test_sasl_tls_and_redis_tls_reach_the_clients_and_stay_out_of_errors(monkeyp
     with pytest.raises(ConfigError) as info:
         load_settings()
     assert "hunter2" not in str(info.value) and "s3cret" not in str(info.value)
+
+
+def test_a_misspelt_key_in_a_settings_file_is_refused_with_its_name(tmp_path):
+    cfg = tmp_path / "sorter.yaml"
+    cfg.write_text("kafka: {bootstrap_server: broker:9092}\n")
+    with pytest.raises(ConfigError, match=r"kafka\.bootstrap_server"):
+        load_settings(cfg)
+
+
+def test_an_unknown_sorter_variable_is_warned_about_with_the_closest_real_one(monkeypatch):
+    from structlog.testing import capture_logs
+
+    monkeypatch.setenv("SORTER_KAFKA_BOOTSTRAP_SERVERS", "broker:9092")  # one underscore: not nested
+    with capture_logs() as logs:
+        load_settings()
+    (warning,) = [e for e in logs if e["event"] == "settings.unknown_variable"]
+    assert warning["variable"] == "SORTER_KAFKA_BOOTSTRAP_SERVERS"
+    assert warning["did_you_mean"] == "SORTER_KAFKA__BOOTSTRAP_SERVERS"
+
+
+@pytest.mark.parametrize("url", ["http://redis:6379/0", "not a url"])
+def test_a_redis_url_that_is_not_one_is_refused_at_once(url):
+    with pytest.raises(ConfigError, match=r"redis\.url"):
+        load_settings(redis={"url": url})

@@ -124,6 +124,7 @@ def test_diff_reports_agreement_changes_and_one_sided_items(tmp_path):
         app, ["diff", str(tmp_path / "a.jsonl"), str(tmp_path / "b.sorterrec"), "--fail-under", "0.9"]
     )
     assert failing.exit_code == 1
+    assert "66.67% is below --fail-under 90.00%" in failing.output  # says why it failed
 
 
 def test_diff_refuses_a_file_that_holds_no_commands(tmp_path):
@@ -144,3 +145,29 @@ def test_inspect_on_a_damaged_recording_fails_with_where_unless_allowed(simulate
     ok = CliRunner().invoke(app, ["inspect", str(cut), "--allow-damaged", "--json"])
     assert ok.exit_code == 0
     assert json.loads(ok.stdout.strip().splitlines()[-1])["intact_before_damage"] > 0
+
+
+def test_record_against_an_unreachable_broker_fails_clearly(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there
+    proc = subprocess.run(
+        [sys.executable, "-m", "sorter", "record", "--out", str(tmp_path / "r.sorterrec"),
+         "--bootstrap-servers", f"127.0.0.1:{port}", "--duration", "3", "--broker-wait", "2"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-1000:])
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: no Kafka broker answered")
+    assert not (tmp_path / "r.sorterrec").exists()  # no empty recording left behind
+
+
+def test_inspect_a_recording_of_the_commands_topic_reads_items_and_stations_from_the_commands(tmp_path):
+    with Writer(tmp_path / "cmd.sorterrec") as w:  # key = station, value = the command
+        for i, item in enumerate(["i1", "i2", "i3", "i3"]):
+            w.write(Record("sort.commands", 0, i, None, b"dock-7", (), json.dumps(command(item, "C-1")).encode()))
+    s = summarize(Reader.open(tmp_path / "cmd.sorterrec"))
+    assert s.items == 3 and dict(s.stations) == {"dock-1": 4}

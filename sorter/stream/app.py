@@ -10,7 +10,7 @@ from sorter.stream.cache import DecisionCache, NoCache, RedisDecisionCache
 from sorter.stream.inference import Classifier
 from sorter.stream.kafka import ensure_topics, wait_for_broker
 from sorter.stream.pipeline import Decoder, Pipeline
-from sorter.stream.routing import load_routing_table
+from sorter.stream.routing import check_routes, load_routing_table
 from sorter.stream.worker import Worker
 
 log = get_logger("sorter.app")
@@ -29,13 +29,22 @@ def build_cache(settings: Settings) -> DecisionCache:
     )
 
 
-def build_pipeline(settings: Settings) -> Pipeline:
-    """Everything that can be wrong in the configuration fails here, at start-up, with a message."""
+def _required_files(settings: Settings) -> None:
     if settings.routes is None:
         raise ConfigError("no routing table: pass --routes FILE or set SORTER_ROUTES (see README, 'Routing table')")
-    routes = load_routing_table(settings.routes)
     if settings.model.checkpoint is None:
         raise ConfigError("no model: pass --checkpoint FILE or set SORTER_MODEL__CHECKPOINT")
+    if not settings.model.checkpoint.is_file():
+        raise ConfigError(
+            f"checkpoint {settings.model.checkpoint} does not exist; train one with "
+            f"`sorter train DATA --out {settings.model.checkpoint}`"
+        )
+
+
+def build_pipeline(settings: Settings) -> Pipeline:
+    """Everything that can be wrong in the configuration fails here, at start-up, with a message."""
+    _required_files(settings)
+    routes = load_routing_table(settings.routes)
     m = settings.model
     model = Classifier(
         m.checkpoint, device=m.device, precision=m.precision, compile=m.compile, max_batch=settings.batch.max_size
@@ -50,6 +59,7 @@ def build_pipeline(settings: Settings) -> Pipeline:
         compiled=model.buckets is not None,
         compile_s=round(model.compile_s, 1),
     )
+    check_routes(routes, model.meta.classes, model.meta.skus, strict=settings.strict_routes)
     b = settings.batch
     return Pipeline(
         model,
@@ -68,11 +78,33 @@ def build_worker(settings: Settings, *, create_topics: bool = True, **kwargs) ->
         return _build_worker(settings, create_topics=create_topics, **kwargs)
 
 
+def _check_port(settings: Settings) -> None:
+    """The metrics port, checked before the model loads (minutes with compile): two workers on one host
+    must not find out after loading that the second cannot serve /metrics and the probes."""
+    import socket
+
+    o = settings.observe
+    if not o.enabled or o.port == 0:
+        return
+    with socket.socket() as s:
+        try:
+            s.bind((o.host, o.port))
+        except OSError as exc:
+            raise ConfigError(
+                f"port {o.port} on {o.host} for /metrics and the probes is taken ({exc.strerror}): pass "
+                "--metrics-port (0 picks a free one) or set SORTER_OBSERVE__PORT"
+            ) from None
+
+
 def _build_worker(settings: Settings, *, create_topics: bool = True, **kwargs) -> Worker:
+    # what can be checked without the model first: loading it takes seconds (minutes with --compile)
+    _check_port(settings)
+    _required_files(settings)
+    load_routing_table(settings.routes)
+    wait_for_broker(settings.kafka, settings.kafka.startup_timeout_s)
     pipeline = build_pipeline(settings)
     memory = check_memory(settings)  # with the model loaded: what is left must hold the frames in flight
     log.info("worker.limits", decode_threads=settings.batch.decode_threads, **memory)
-    wait_for_broker(settings.kafka, settings.kafka.startup_timeout_s)
     if create_topics:
         ensure_topics(settings.kafka, {settings.kafka.commands_topic: 1, settings.kafka.dlq_topic: 1})
     log.info("worker.config", settings=settings.redacted())

@@ -73,6 +73,33 @@ def decide(table: RoutingTable, station_id: str, sku: str | None, label: str | N
     return Decision(chute=default, reason="unknown_sku")
 
 
+def check_routes(table: RoutingTable, classes: list[str], skus: list[str], *, strict: bool = False) -> list[str]:
+    """Route keys (global and per station) that name no SKU or label the model can produce: a typo
+    (``botle-yellow-dots``) would silently send that product to the default chute. Each is logged as a
+    warning naming the closest real one; with ``strict`` they stop start-up. Returns them."""
+    import difflib
+
+    from sorter.logs import get_logger
+
+    known = set(classes) | set(skus)
+    keys = [(k, k) for k in table.routes] + [
+        (k, f"stations.{station}.{k}") for station, o in table.stations.items() for k in o.routes
+    ]
+    unknown = [where for key, where in keys if key not in known]
+    for key, where in keys:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+            get_logger("sorter.routing").warning(
+                "routes.unknown_key", key=where, did_you_mean=close[0] if close else None
+            )
+    if unknown and strict:
+        raise ConfigError(
+            f"routes name what the model cannot produce: {', '.join(unknown)} (its labels and SKUs are in the "
+            "checkpoint: `sorter evaluate` lists them); fix the routing table or drop --strict-routes"
+        )
+    return unknown
+
+
 def load_routing_table(path: Path) -> RoutingTable:
     """Read and validate a routing table; any problem stops start-up with the file and field named."""
     if not path.is_file():

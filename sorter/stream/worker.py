@@ -49,6 +49,7 @@ from dataclasses import dataclass
 
 from confluent_kafka import KafkaError, Message, TopicPartition
 
+from sorter.errors import SorterError
 from sorter.logs import bound_context, get_logger
 from sorter.settings import Settings
 from sorter.stream.accounting import Accounting, WorkerStats
@@ -92,6 +93,10 @@ class StopSignal(threading.Event):
     def drain_over(self) -> bool:
         left = self.left(DRAIN_SHARE)
         return left is not None and left <= 0
+
+
+class NoPartitions(SorterError):
+    """``--idle-exit`` ran out and this worker never owned a partition: nothing was read, say why."""
 
 
 class BatchSkipped(Exception):
@@ -178,6 +183,9 @@ class Worker:
         self._inflight: deque[InFlight] = deque()
         self._failed = threading.Event()  # a batch failed: later batches send nothing
         self._keepalive_paused = False  # a slow batch has the partitions paused: new ones start paused too
+        self._joined_at: float | None = None  # the first assignment (even an empty one): the group answered
+        self._group_changed_at: float | None = None  # the last rebalance event: a handover may be under way
+        self._ever_owned = False
         self._runner = SerialRunner("batch")
         self.failpoints = _failpoints()
         self.consumer = clients.consumer(
@@ -234,10 +242,14 @@ class Worker:
             consumer.assign(partitions)
         # own topics are never read; while a slow batch keeps the group alive, new partitions wait with the
         # others (unpaused, every poll of the keep-alive would stash one more frame of theirs, unbounded)
+        self._group_changed_at = time.monotonic()
+        if self._joined_at is None:
+            self._joined_at = self._group_changed_at
         held = [p for p in partitions if p.topic in self.own_topics or self._keepalive_paused]
         if held:
             consumer.pause(held)
         self.assigned |= {(p.topic, p.partition) for p in partitions if p.topic not in self.own_topics}
+        self._ever_owned = self._ever_owned or bool(self.assigned)
         log.info(
             "worker.assigned",
             partitions=sorted(f"{p.topic}[{p.partition}]" for p in partitions if p.topic not in self.own_topics),
@@ -256,6 +268,7 @@ class Worker:
         # time. Lost partitions (the group moved on without us) cannot be committed: their batches are
         # still delivered, and their new owner repeats them.
         self._drain(commit=not lost)
+        self._group_changed_at = time.monotonic()
         gone = {(p.topic, p.partition) for p in partitions}
         before = len(self._collecting) + len(self._stash)
         self._collecting = [m for m in self._collecting if _tp(m) not in gone]
@@ -467,13 +480,25 @@ class Worker:
         o = self.settings.observe
         if o.enabled and self.server is None:
             self.server = ObservabilityServer(self, o.host, o.port, o.liveness_timeout_s).start()
-        idle_since = time.monotonic()
+        # The idle clock starts when the group has answered (the first assignment) and starts again at every
+        # frame and every rebalance event: a cooperative handover can take several seconds between its
+        # phases, and exiting in between would leave the partitions being handed over to nobody.
+        idle_since = None
         try:
             while not self.stop_event.is_set():
                 handled = self.process_once()
-                if handled:
-                    idle_since = time.monotonic()
-                elif idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
+                now = time.monotonic()
+                if handled or idle_since is None:
+                    idle_since = now if (handled or self._joined_at is not None) else None
+                elif self._group_changed_at is not None and self._group_changed_at > idle_since:
+                    idle_since = self._group_changed_at
+                elif idle_exit_s is not None and now - idle_since > idle_exit_s:
+                    if not self._ever_owned:
+                        raise NoPartitions(
+                            f"no partition was assigned to this worker in {idle_exit_s:g} s after joining group "
+                            f"{k.group_id!r}: check that SORTER_KAFKA__FRAMES_PATTERN ({k.frames_pattern}) matches "
+                            "a topic, and that other workers do not already own every partition"
+                        )
                     break
                 if max_frames is not None and self.stats.frames >= max_frames:
                     break

@@ -39,17 +39,20 @@ def record(
     duration: Annotated[float | None, typer.Option(help="stop after this many seconds")] = None,
     max_messages: Annotated[int | None, typer.Option(help="stop after this many messages")] = None,
     idle_exit: Annotated[float | None, typer.Option(help="stop after this many seconds without a message")] = None,
+    broker_wait: Annotated[float, typer.Option(help="seconds to wait for the broker before giving up")] = 30.0,
     bootstrap_servers: BootstrapOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Capture messages (topic, partition, offset, timestamp, key, headers, photo) into a recording file."""
     from sorter import __version__
+    from sorter.stream.kafka import wait_for_broker
     from sorter.traffic.capture import capture, stop_on_signals
     from sorter.traffic.recording import Writer
 
     if start not in ("earliest", "latest"):
         raise SorterError("--from must be earliest or latest")
-    bootstrap, client, _ = _kafka(config, bootstrap_servers)
+    bootstrap, client, settings = _kafka(config, bootstrap_servers)
+    wait_for_broker(settings.kafka, broker_wait)  # no broker: one line, exit 2, no empty recording
     writer = Writer(out, {"topics": topics, "bootstrap_servers": bootstrap, "sorter_version": __version__})
     stop = threading.Event()
     stop_on_signals(stop)
@@ -300,6 +303,8 @@ def diff(
     if as_json:
         sys.stdout.write(json.dumps(s) + "\n")
     if fail_under is not None and d.chute_agreement < fail_under:
+        why = f"chute agreement {100 * d.chute_agreement:.2f}% is below --fail-under {100 * fail_under:.2f}%"
+        err_console.print(why, soft_wrap=True)
         raise typer.Exit(1)
 
 

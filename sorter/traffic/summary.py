@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -73,6 +74,17 @@ def station_of(record: Record, frames_prefix: str = "frames.") -> str:
     return record.station(frames_prefix) or "?"
 
 
+def _command(record: Record) -> dict | None:
+    """The routing command a record of the commands topic holds (None for a frame)."""
+    if not (record.value or b"").startswith(b"{"):
+        return None
+    try:
+        value = json.loads(record.value)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) and "item_id" in value and "chute" in value else None
+
+
 def summarize(reader: Reader, *, extract_to: Path | None = None, limit: int | None = None) -> Summary:
     """Read the whole recording (stopping quietly at damage, which is reported) and optionally write
     up to ``limit`` frames as ``DIR/<station>/<item>_<camera>_<topic>-<partition>-<offset>.<ext>``."""
@@ -82,9 +94,10 @@ def summarize(reader: Reader, *, extract_to: Path | None = None, limit: int | No
     for r in reader.records(allow_damaged=True):
         s.records += 1
         s.topics[r.topic] += 1
-        station = station_of(r)
+        command = _command(r)  # a recording of the commands topic: ids from the command (its key is the station)
+        station = str(command.get("station_id") or "?") if command else station_of(r)
         s.stations[station] += 1
-        item = r.header("item-id") or (r.key or b"").decode("utf-8", "replace")
+        item = str(command["item_id"]) if command else r.header("item-id") or (r.key or b"").decode("utf-8", "replace")
         items.add(item)
         t = r.time_ms
         s.first_ms = t if s.first_ms is None else min(s.first_ms, t)

@@ -8,7 +8,7 @@ import time
 from collections import Counter
 
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer
 
 from sorter.services import free_port, tansu_broker
 from sorter.stream.app import build_worker
@@ -108,7 +108,9 @@ def test_broker_unreachable_at_start_up_and_during_a_run_loses_nothing(settings_
 
 
 def test_workers_joining_and_leaving_mid_run_lose_no_item(settings_for, namespace, bootstrap):
-    """Two workers share a group; a third joins and leaves while they drain: every item is routed."""
+    """Two workers share a group; a third joins and leaves while they drain: every item is routed. The
+    workers run as on a line (no idle exit): the test waits for every item's command, however long the
+    broker takes over each rebalance."""
     n = 400
     settings = settings_for(batch={"max_size": 8, "max_wait_ms": 5})
     topic = f"{namespace}-frames.dock-1"
@@ -121,26 +123,55 @@ def test_workers_joining_and_leaving_mid_run_lose_no_item(settings_for, namespac
         w = build_worker(settings.model_copy(update={"worker_id": f"{namespace}-{name}"}))
         process = w.pipeline.process
 
-        def slowed(*args):  # ~80 frames/s per worker: the run lasts long enough to rebalance twice
-            time.sleep(0.1)
+        def slowed(*args):  # ~25 frames/s per worker: the backlog outlasts the rebalances
+            time.sleep(0.3)
             return process(*args)
 
         w.pipeline.process = slowed
-        t = threading.Thread(target=w.run, kwargs={"idle_exit_s": 15}, daemon=True)
+        t = threading.Thread(target=w.run, daemon=True)
         t.start()
         return w, t
 
-    a, ta = worker_in_thread("a")
-    b, tb = worker_in_thread("b")
-    wait_until(lambda: a.stats.frames + b.stats.frames >= 60, 120, "the first frames")
-    c, tc = worker_in_thread("c")  # joins: a rebalance
-    wait_until(lambda: c.stats.frames > 0 or a.stats.frames + b.stats.frames >= n, 120, "the third worker")
-    c.stop_event.set()  # leaves: another rebalance
-    tc.join(60)
-    for t in (ta, tb):
-        t.join(180)
-    commands = consume_all(bootstrap, settings.kafka.commands_topic, expect=n)
-    counts = Counter(json.loads(m.value())["item_id"] for m in commands)
+    reader = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"{namespace}-reader",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "topic.metadata.refresh.interval.ms": 1000,  # the commands topic appears when the workers start
+        }
+    )
+    reader.subscribe([settings.kafka.commands_topic])
+    counts: Counter = Counter()
+
+    def read_commands() -> None:
+        for m in reader.consume(500, 0.2):
+            if m.error() is None:
+                counts[json.loads(m.value())["item_id"]] += 1
+
+    try:
+        a, ta = worker_in_thread("a")
+        b, tb = worker_in_thread("b")
+        wait_until(lambda: a.stats.frames + b.stats.frames >= 60, 120, "the first frames")
+        c, tc = worker_in_thread("c")  # joins: a rebalance
+        wait_until(lambda: c.stats.frames > 0 or a.stats.frames + b.stats.frames >= n, 120, "the third worker")
+        c.stop_event.set()  # leaves: another rebalance
+        tc.join(60)
+        assert not tc.is_alive(), "the third worker did not stop"
+
+        def all_routed() -> bool:
+            read_commands()
+            return len(counts) >= n
+
+        wait_until(all_routed, 240, "every item's command")
+        for w, t in ((a, ta), (b, tb)):
+            w.stop_event.set()
+            t.join(60)
+        end = time.monotonic() + 2.0  # catch any late repeat
+        while time.monotonic() < end:
+            read_commands()
+    finally:
+        reader.close()
     assert set(counts) == set(items)  # none lost
     duplicates = sum(counts.values()) - n
     revoked = sum(w.stats.revoked_dropped for w in (a, b, c))
