@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sorter.errors import SorterError
-from sorter.logs import configure_logging
+from sorter.logs import configure_logging, report_failure
 
 app = typer.Typer(
     add_completion=False,
@@ -21,6 +21,13 @@ app = typer.Typer(
     help="sorter: classify conveyor photos and route items to chutes.",
 )
 out_console = Console()
+
+# `sorter --help` groups the commands by what a user came to do
+MODEL, STREAM, TRAFFIC, MEASURE = "Model", "Stream", "Traffic", "Measure"
+
+
+def _example(command: str) -> str:
+    return f"Example: [bold]{command}[/]"
 
 
 def _print_version(value: bool) -> None:
@@ -38,7 +45,10 @@ def _root(
     ] = None,
     log_format: Annotated[str, typer.Option(help="json (one event per line) or console (for a terminal)")] = "json",
     version: Annotated[
-        bool, typer.Option("--version", help="print the version and exit", is_eager=True, callback=_print_version)
+        bool,
+        typer.Option(
+            "--version", help="print the version and exit", is_eager=True, callback=_print_version, metavar=""
+        ),
     ] = False,
 ) -> None:
     global _LOG_LEVEL_FLAG
@@ -49,9 +59,9 @@ def _root(
 _LOG_LEVEL_FLAG: str | None = None  # `sorter --log-level X run` wins over SORTER_LOG_LEVEL and the config file
 
 
-@app.command()
+@app.command(rich_help_panel=MODEL, epilog=_example("sorter synth data --classes 8 --per-class 60 --test-per-class 20"))
 def synth(
-    out_dir: Annotated[Path, typer.Argument(help="folder to write the ImageFolder tree into")],
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT_DIR", help="folder to write the ImageFolder tree into")],
     classes: Annotated[int, typer.Option(help="number of product classes")] = 10,
     per_class: Annotated[int, typer.Option(help="photos per class")] = 60,
     seed: Annotated[int, typer.Option(help="same seed, same bytes")] = 0,
@@ -91,9 +101,11 @@ def synth(
     out_console.print(f"wrote {total} photos of {classes} products to {out_dir}")
 
 
-@app.command()
+@app.command(rich_help_panel=MODEL, epilog=_example("sorter train data --out model.pt --backbone mobilenet_v2"))
 def train(
-    data_dir: Annotated[Path, typer.Argument(help="ImageFolder tree (DATA/<label>/*.jpg, or DATA/train + DATA/val)")],
+    data_dir: Annotated[
+        Path, typer.Argument(metavar="DATA", help="ImageFolder tree (DATA/<label>/*.jpg, or DATA/train + DATA/val)")
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="checkpoint file to write")],
     backbone: Annotated[str, typer.Option(help="resnet18 or mobilenet_v2")] = "resnet18",
     epochs: Annotated[
@@ -105,10 +117,13 @@ def train(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
     precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16")] = "auto",
     pretrained: Annotated[
-        bool, typer.Option("--pretrained/--no-pretrained", help="start from ImageNet weights (found offline)")
+        bool,
+        typer.Option("--pretrained/--no-pretrained", help="start from ImageNet weights (found offline)", metavar=""),
     ] = True,
     weights: Annotated[Path | None, typer.Option(help="ImageNet weights file for the backbone")] = None,
-    attention: Annotated[bool, typer.Option("--attention/--no-attention", help="spatial attention head")] = True,
+    attention: Annotated[
+        bool, typer.Option("--attention/--no-attention", help="spatial attention head", metavar="")
+    ] = True,
     pool: Annotated[str, typer.Option(help="attention (A-weighted mean of X) or mean (mean of A*X)")] = "attention",
     augment: Annotated[str, typer.Option(help="none, light, belt or belt-any-angle (see README)")] = "light",
     ema: Annotated[float, typer.Option(help="weight EMA decay per step; 0 turns it off")] = 0.995,
@@ -157,23 +172,27 @@ def train(
     )
 
 
-@app.command()
+@app.command(rich_help_panel=MODEL, epilog=_example("sorter evaluate data --checkpoint model.pt --json"))
 def evaluate(
-    data_dir: Annotated[Path, typer.Argument(help="ImageFolder tree; test/ or val/ inside it is used if present")],
+    data_dir: Annotated[
+        Path, typer.Argument(metavar="DATA", help="ImageFolder tree; test/ or val/ inside it is used if present")
+    ],
     checkpoint: Annotated[Path, typer.Option("--checkpoint", "-c")],
-    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object as the last line")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object as the last line", metavar="")] = False,
     confusion: Annotated[
         Path | None, typer.Option(help="confusion-matrix PNG (default: next to the checkpoint)")
     ] = None,
     device: Annotated[str, typer.Option()] = "auto",
     precision: Annotated[str, typer.Option()] = "auto",
     include_seen: Annotated[
-        bool, typer.Option(help="also score photos that trained or tuned the model (optimistic)")
+        bool, typer.Option(help="also score photos that trained or tuned the model (optimistic)", metavar="")
     ] = False,
     target_error: Annotated[float, typer.Option(help="error among routed items to suggest min_confidence for")] = 0.005,
 ) -> None:
-    """Accuracy, per-class precision/recall, macro-F1, calibration (ECE), a confusion matrix and the
-    risk-coverage curve (review share vs routed error per confidence threshold), on photos the model never saw."""
+    """Accuracy, per-class scores, calibration (ECE), confusion matrix and risk-coverage curve, on unseen photos.
+
+    The risk-coverage curve is the share sent to review against the error among routed items, per
+    confidence threshold; the suggested min_confidence meets --target-error."""
     from sorter.train.evaluate import evaluate_folder
     from sorter.train.metrics import risk_coverage
     from sorter.train.plots import plot_confusion, plot_risk_coverage
@@ -212,9 +231,11 @@ def evaluate(
         sys.stdout.write(json.dumps(summary) + "\n")
 
 
-@app.command()
+@app.command(
+    rich_help_panel=MODEL, epilog=_example("sorter explain photo.jpg --checkpoint model.pt --out attention.png")
+)
 def explain(
-    image: Annotated[Path, typer.Argument(help="a photo (JPEG, PNG, WebP, ...)")],
+    image: Annotated[Path, typer.Argument(metavar="PHOTO", help="a photo (JPEG, PNG, WebP, ...)")],
     checkpoint: Annotated[Path, typer.Option("--checkpoint", "-c")],
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write")],
     top_k: Annotated[int, typer.Option(help="how many predictions to show")] = 5,
@@ -232,13 +253,13 @@ def explain(
     out_console.print(f"attention map: {out}")
 
 
-@app.command()
+@app.command(rich_help_panel=STREAM, epilog=_example("sorter --log-format console demo --duration 60"))
 def demo(
     duration: Annotated[float, typer.Option(help="seconds to run; Ctrl-C stops earlier")] = 30.0,
     stations: Annotated[int, typer.Option(help="simulated conveyor stations")] = 3,
     rate: Annotated[float, typer.Option(help="items per second per station")] = 4.0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
-    fresh: Annotated[bool, typer.Option(help="retrain the cached demo model")] = False,
+    fresh: Annotated[bool, typer.Option(help="retrain the cached demo model", metavar="")] = False,
 ) -> None:
     """The embedded default: local broker + Redis, simulated stations, the worker and a live view."""
     import shutil
@@ -250,7 +271,7 @@ def demo(
     run_streaming_demo(duration, stations, rate, device)
 
 
-@app.command("demo-model")
+@app.command("demo-model", rich_help_panel=MODEL, epilog=_example("sorter demo-model"))
 def demo_model(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
 ) -> None:
@@ -277,23 +298,40 @@ def demo_model(
     )
 
 
-@app.command()
+@app.command(
+    rich_help_panel=STREAM,
+    epilog=_example("sorter run --config sorter.yaml --checkpoint model.pt --routes routes.yaml"),
+)
 def run(
     config: Annotated[Path | None, typer.Option(help="YAML settings file (also SORTER_CONFIG)")] = None,
-    bootstrap_servers: Annotated[str | None, typer.Option(help="Kafka bootstrap servers")] = None,
-    redis_url: Annotated[str | None, typer.Option(help="redis://[:password@]host:port/db, rediss:// for TLS")] = None,
-    checkpoint: Annotated[Path | None, typer.Option(help="model checkpoint")] = None,
-    routes: Annotated[Path | None, typer.Option(help="routing table (YAML or JSON)")] = None,
-    group_id: Annotated[str | None, typer.Option(help="consumer group")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N")] = None,
-    delivery: Annotated[str | None, typer.Option(help="at-least-once (default) or exactly-once")] = None,
+    bootstrap_servers: Annotated[
+        str | None, typer.Option(help="Kafka bootstrap servers (SORTER_KAFKA__BOOTSTRAP_SERVERS)")
+    ] = None,
+    redis_url: Annotated[
+        str | None, typer.Option(help="redis://[:password@]host:port/db, rediss:// for TLS (SORTER_REDIS__URL)")
+    ] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="model checkpoint (SORTER_MODEL__CHECKPOINT)")] = None,
+    routes: Annotated[Path | None, typer.Option(help="routing table, YAML or JSON (SORTER_ROUTES)")] = None,
+    group_id: Annotated[str | None, typer.Option(help="consumer group (SORTER_KAFKA__GROUP_ID)")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N (SORTER_MODEL__DEVICE)")] = None,
+    delivery: Annotated[
+        str | None, typer.Option(help="at-least-once (default) or exactly-once (SORTER_KAFKA__DELIVERY)")
+    ] = None,
     max_frames: Annotated[int | None, typer.Option(help="stop after this many frames (replays, tests)")] = None,
     idle_exit: Annotated[float | None, typer.Option(help="stop after this many idle seconds")] = None,
     metrics_port: Annotated[
-        int | None, typer.Option(help="/metrics, /livez, /readyz port (0: any free one, logged in observe.listening)")
+        int | None,
+        typer.Option(
+            help="/metrics, /livez, /readyz port (0: any free one, logged in observe.listening; SORTER_OBSERVE__PORT)"
+        ),
     ] = None,
     strict_routes: Annotated[
-        bool | None, typer.Option("--strict-routes", help="routes naming no label/SKU of the model stop start-up")
+        bool | None,
+        typer.Option(
+            "--strict-routes",
+            help="routes naming no label/SKU of the model stop start-up (SORTER_STRICT_ROUTES)",
+            metavar="",
+        ),
     ] = None,
 ) -> None:
     """Run the streaming worker: camera frames in, routing commands out."""
@@ -320,7 +358,7 @@ def run(
     worker.run(max_frames=max_frames, idle_exit_s=idle_exit)
 
 
-@app.command("dev-services")
+@app.command("dev-services", rich_help_panel=STREAM, epilog=_example("sorter dev-services"))
 def dev_services() -> None:
     """Start a local Kafka-compatible broker and Redis, print how to point `sorter run` at them; Ctrl-C stops."""
     import signal as _signal
@@ -347,7 +385,9 @@ def dev_services() -> None:
         redis_.stop()
 
 
-@app.command()
+@app.command(
+    rich_help_panel=MEASURE, epilog=_example("sorter bench --backbone mobilenet_v2 --image-size 160 --frames 300")
+)
 def bench(
     backbone: Annotated[str, typer.Option(help="resnet18 or mobilenet_v2")] = "resnet18",
     image_size: Annotated[int, typer.Option(help="model input size")] = 224,
@@ -355,8 +395,12 @@ def bench(
     checkpoint: Annotated[Path | None, typer.Option(help="a real checkpoint (default: random weights)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda")] = "auto",
     precision: Annotated[str, typer.Option(help="auto, fp32, bf16, fp16")] = "auto",
-    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the model")] = False,
-    overlap: Annotated[bool, typer.Option("--overlap/--no-overlap", help="decode next batch during this one")] = True,
+    compile: Annotated[
+        bool, typer.Option("--compile/--no-compile", help="torch.compile the model", metavar="")
+    ] = False,
+    overlap: Annotated[
+        bool, typer.Option("--overlap/--no-overlap", help="decode next batch during this one", metavar="")
+    ] = True,
     delivery: Annotated[str, typer.Option(help="at-least-once or exactly-once")] = "at-least-once",
     batch_sizes: Annotated[str, typer.Option(help="batch sizes the ceiling tries, comma-separated")] = "8,16,32",
     naive_frames: Annotated[int, typer.Option(help="frames for the (slow) naive loop")] = 100,
@@ -365,7 +409,7 @@ def bench(
     bootstrap_servers: Annotated[str | None, typer.Option(help="use this broker (default: start Tansu)")] = None,
     redis_url: Annotated[str | None, typer.Option(help="use this Redis (default: start one)")] = None,
     out: Annotated[Path, typer.Option(help="folder for the JSON and the plot")] = Path("benchmarks/results"),
-    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object as the last line")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object as the last line", metavar="")] = False,
 ) -> None:
     """Ceiling vs end to end vs naive loop vs broker alone, latency at 70% load, and a plot."""
     import json as _json
@@ -405,7 +449,7 @@ def bench(
 def _register_traffic() -> None:
     from sorter.traffic.cli import register
 
-    register(app)
+    register(app, TRAFFIC)
 
 
 _register_traffic()
@@ -415,5 +459,5 @@ def main() -> None:
     try:
         app()
     except SorterError as exc:
-        sys.stderr.write(f"error: {exc}\n")  # unwrapped: this line is read by people and by log pipelines
+        report_failure(str(exc))  # one line, read by people and by log pipelines
         sys.exit(2)

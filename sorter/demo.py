@@ -14,6 +14,7 @@ from sorter.data.synth import write_dataset
 from sorter.logs import get_logger
 from sorter.paths import cache_dir
 from sorter.progress import progress_bar
+from sorter.settings import KafkaSettings
 
 log = get_logger("sorter.demo")
 
@@ -73,7 +74,7 @@ class Stations:
     """Simulated conveyor stations publishing to ``frames.<station>`` (see ``sorter.traffic.simulate``):
     one or two cameras per item, ~1% corrupt frames to show the dead-letter path."""
 
-    def __init__(self, bootstrap: str, stations: list[str], rate: float, seed: int = 0) -> None:
+    def __init__(self, kafka: KafkaSettings, stations: list[str], rate: float, seed: int = 0) -> None:
         import threading
 
         from sorter.traffic.simulate import Simulator
@@ -89,7 +90,7 @@ class Stations:
         )
         self.stop_event = threading.Event()
         self.thread = threading.Thread(
-            target=self.sim.publish, args=(bootstrap,), kwargs={"stop": self.stop_event}, daemon=True
+            target=self.sim.publish, args=(kafka,), kwargs={"stop": self.stop_event}, daemon=True
         )
 
     @property
@@ -108,24 +109,28 @@ class Stations:
 class LiveView:
     """Reads what the actuators would read (commands) and the dead letters, and renders a summary."""
 
-    def __init__(self, bootstrap: str, commands_topic: str, dlq_topic: str) -> None:
+    def __init__(self, kafka: KafkaSettings) -> None:
         import threading
         from collections import Counter, deque
 
         from confluent_kafka import Consumer
 
+        from sorter.stream.kafka import tool_config
+
         self.consumer = Consumer(
-            {
-                "bootstrap.servers": bootstrap,
-                "group.id": "sorter-demo-view",
-                "auto.offset.reset": "earliest",
-                "enable.auto.commit": False,
-                "session.timeout.ms": 6000,
-                "fetch.wait.max.ms": 20,
-            }
+            tool_config(
+                kafka,
+                {
+                    "group.id": "sorter-demo-view",
+                    "auto.offset.reset": "earliest",
+                    "enable.auto.commit": False,
+                    "session.timeout.ms": 6000,
+                    "fetch.wait.max.ms": 20,
+                },
+            )
         )
-        self.consumer.subscribe([commands_topic, dlq_topic])
-        self.commands_topic = commands_topic
+        self.consumer.subscribe([kafka.commands_topic, kafka.dlq_topic])
+        self.commands_topic = kafka.commands_topic
         self.chutes: Counter = Counter()
         self.reasons: Counter = Counter()
         self.dead: Counter = Counter()
@@ -247,8 +252,8 @@ def run_streaming_demo(duration: float, stations: int, rate: float, device: str 
         ready_by = time.monotonic() + 30
         while not worker.assigned and thread.is_alive() and time.monotonic() < ready_by:
             time.sleep(0.05)  # the stations start once the worker has joined its group
-        simulator = Stations(bootstrap, names, rate).start()
-        view = LiveView(bootstrap, settings.kafka.commands_topic, settings.kafka.dlq_topic).start()
+        simulator = Stations(settings.kafka, names, rate).start()
+        view = LiveView(settings.kafka).start()
         started = time.monotonic()
         with Live(view.render(0, 0), console=console, refresh_per_second=4) as live:
             try:

@@ -102,6 +102,7 @@ class RedisSettings(Section):
     key_prefix: str = "sorter:decision:"
     timeout_s: float = Field(0.25, gt=0)
     retry_after_s: float = Field(2.0, gt=0, description="wait before trying Redis again after a failure")
+
     @field_validator("url")
     @classmethod
     def _redis_url(cls, value: SecretStr) -> SecretStr:

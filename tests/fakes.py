@@ -158,9 +158,7 @@ class FakeConsumer:
         self._assigned_in_callback = False
 
     # -- what the test drives ------------------------------------------------------------------
-    def schedule(
-        self, *events: tuple[str, list[tuple[str, int]]], after_calls: int = 0, after_s: float = 0.0
-    ) -> None:
+    def schedule(self, *events: tuple[str, list[tuple[str, int]]], after_calls: int = 0, after_s: float = 0.0) -> None:
         """Rebalance events (``("revoke" | "assign" | "lost", [(topic, partition), ...])``) to run inside
         the next ``consume()``/``poll()`` (or the first one ``after_calls`` calls and ``after_s`` seconds
         later), before it fetches, as librdkafka runs them. Events run in the order they were scheduled."""

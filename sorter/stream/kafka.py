@@ -74,6 +74,20 @@ def _client_logger() -> logging.Logger:
 CLIENT_LOGGER = _client_logger()  # in every config below: one rate limit per process, kept per client name
 
 
+def tool_config(s: KafkaSettings, tool: dict[str, object] | None = None) -> dict[str, object]:
+    """Every other client sorter makes (demo view, record, replay, simulate, bench), from the same settings
+    as the worker's: the user's client settings (SASL, TLS) apply, and librdkafka's lines go through the
+    same rate-limited JSON events, never raw to stderr. The tool's own choices (``tool``) come first and
+    the user's client settings win over them."""
+    return {
+        "bootstrap.servers": s.bootstrap_servers,
+        "log.connection.close": False,
+        "logger": CLIENT_LOGGER,
+        **(tool or {}),
+        **s.client_config(),
+    }
+
+
 def consumer_config(s: KafkaSettings) -> dict[str, object]:
     return {
         "bootstrap.servers": s.bootstrap_servers,
@@ -194,7 +208,13 @@ def wait_for_broker(s: KafkaSettings, timeout_s: float) -> None:
 def ensure_topics(s: KafkaSettings, topics: dict[str, int], timeout: float = 10.0) -> None:
     """Create the topics that do not exist yet (name -> partitions); existing ones are left alone."""
     admin = AdminClient(admin_config(s))
-    existing = set(admin.list_topics(timeout=timeout).topics)
+    try:
+        existing = set(admin.list_topics(timeout=timeout).topics)
+    except KafkaException as exc:  # it answered a moment ago (wait_for_broker), or was never asked
+        raise BrokerUnreachable(
+            f"the Kafka broker at {s.bootstrap_servers} did not answer while creating topics ({exc.args[0].str()}): "
+            "check SORTER_KAFKA__BOOTSTRAP_SERVERS and the broker"
+        ) from None
     missing = [
         NewTopic(name, num_partitions=n, replication_factor=1) for name, n in topics.items() if name not in existing
     ]

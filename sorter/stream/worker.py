@@ -527,4 +527,3 @@ class Worker:
             dead_letters=dict(self.stats.dead_letters),
             unfinished_batches=self.stats.unfinished_batches,
         )
-

@@ -17,7 +17,8 @@ from confluent_kafka import Consumer, KafkaError
 
 from sorter.logs import get_logger
 from sorter.progress import make_progress
-from sorter.stream.kafka import to_raw
+from sorter.settings import KafkaSettings
+from sorter.stream.kafka import to_raw, tool_config
 from sorter.traffic.recording import Record, Writer
 
 log = get_logger("sorter.record")
@@ -31,7 +32,7 @@ class CaptureStats:
 
 
 def capture(
-    bootstrap: str,
+    kafka: KafkaSettings,
     pattern: str,
     writer: Writer,
     *,
@@ -39,7 +40,6 @@ def capture(
     duration_s: float | None = None,
     max_messages: int | None = None,
     idle_exit_s: float | None = None,
-    client_config: dict[str, str] | None = None,
     stop: threading.Event | None = None,
     progress: bool = True,
 ) -> CaptureStats:
@@ -48,17 +48,17 @@ def capture(
     stop = stop or threading.Event()
     topics = [pattern] if pattern.startswith("^") else [t.strip() for t in pattern.split(",") if t.strip()]
     consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"sorter-record-{uuid.uuid4().hex[:12]}",
-            "enable.auto.commit": False,
-            "auto.offset.reset": start,
-            "fetch.wait.max.ms": 50,
-            "session.timeout.ms": 6000,
-            "topic.metadata.refresh.interval.ms": 2000,
-            "log.connection.close": False,
-            **(client_config or {}),
-        }
+        tool_config(
+            kafka,
+            {
+                "group.id": f"sorter-record-{uuid.uuid4().hex[:12]}",
+                "enable.auto.commit": False,
+                "auto.offset.reset": start,
+                "fetch.wait.max.ms": 50,
+                "session.timeout.ms": 6000,
+                "topic.metadata.refresh.interval.ms": 2000,
+            },
+        )
     )
     stats = CaptureStats()
     started = time.monotonic()

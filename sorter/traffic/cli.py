@@ -20,14 +20,19 @@ ConfigOpt = Annotated[
     Path | None, typer.Option(help="YAML settings file: broker address and client (SASL/TLS) settings")
 ]
 BootstrapOpt = Annotated[str | None, typer.Option(help="Kafka bootstrap servers (default: settings)")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object as the last line")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object as the last line", metavar="")]
+BrokerWaitOpt = Annotated[float, typer.Option(help="seconds to wait for the broker before giving up")]
 
 
-def _kafka(config: Path | None, bootstrap: str | None):
+def _kafka(config: Path | None, bootstrap: str | None, broker_wait: float):
+    """The Kafka settings every traffic command's clients are built from (broker, SASL/TLS), once the
+    broker answered: no broker is one line and exit 2, before anything is written."""
     from sorter.settings import load_settings
+    from sorter.stream.kafka import wait_for_broker
 
-    settings = load_settings(config, kafka={"bootstrap_servers": bootstrap} if bootstrap else None)
-    return settings.kafka.bootstrap_servers, settings.kafka.client_config(), settings
+    kafka = load_settings(config, kafka={"bootstrap_servers": bootstrap} if bootstrap else None).kafka
+    wait_for_broker(kafka, broker_wait)
+    return kafka
 
 
 def record(
@@ -39,51 +44,53 @@ def record(
     duration: Annotated[float | None, typer.Option(help="stop after this many seconds")] = None,
     max_messages: Annotated[int | None, typer.Option(help="stop after this many messages")] = None,
     idle_exit: Annotated[float | None, typer.Option(help="stop after this many seconds without a message")] = None,
-    broker_wait: Annotated[float, typer.Option(help="seconds to wait for the broker before giving up")] = 30.0,
+    broker_wait: BrokerWaitOpt = 30.0,
     bootstrap_servers: BootstrapOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Capture messages (topic, partition, offset, timestamp, key, headers, photo) into a recording file."""
     from sorter import __version__
-    from sorter.stream.kafka import wait_for_broker
     from sorter.traffic.capture import capture, stop_on_signals
     from sorter.traffic.recording import Writer
 
     if start not in ("earliest", "latest"):
         raise SorterError("--from must be earliest or latest")
-    bootstrap, client, settings = _kafka(config, bootstrap_servers)
-    wait_for_broker(settings.kafka, broker_wait)  # no broker: one line, exit 2, no empty recording
-    writer = Writer(out, {"topics": topics, "bootstrap_servers": bootstrap, "sorter_version": __version__})
+    kafka = _kafka(config, bootstrap_servers, broker_wait)  # before the file: no empty recording
+    writer = Writer(
+        out, {"topics": topics, "bootstrap_servers": kafka.bootstrap_servers, "sorter_version": __version__}
+    )
     stop = threading.Event()
     stop_on_signals(stop)
     stats = capture(
-        bootstrap,
+        kafka,
         topics,
         writer,
         start=start,
         duration_s=duration,
         max_messages=max_messages,
         idle_exit_s=idle_exit,
-        client_config=client,
         stop=stop,
     )
     err_console.print(f"{out}: {stats.records} messages, {stats.bytes / 1e6:.1f} MB in {stats.seconds:.1f} s")
 
 
 def replay(
-    recording: Annotated[Path, typer.Argument(help="a .sorterrec file")],
+    recording: Annotated[Path, typer.Argument(metavar="RECORDING", help="a .sorterrec file")],
     speed: Annotated[float, typer.Option(help="time scale: 10 plays ten times faster than recorded")] = 1.0,
-    max_rate: Annotated[bool, typer.Option("--max-rate", help="ignore the recorded timing")] = False,
+    max_rate: Annotated[bool, typer.Option("--max-rate", help="ignore the recorded timing", metavar="")] = False,
     loop: Annotated[int, typer.Option(help="play it N times (item ids suffixed :r2, :r3, ...)")] = 1,
     topic_map: Annotated[list[str] | None, typer.Option(help="OLD=NEW topic rename (repeatable)")] = None,
     topic_prefix: Annotated[str, typer.Option(help="prefix for every topic, e.g. staging.")] = "",
     station: Annotated[list[str] | None, typer.Option(help="only these stations (repeatable)")] = None,
-    restamp: Annotated[bool, typer.Option(help="set captured-at to the publish time")] = False,
-    allow_damaged: Annotated[bool, typer.Option(help="replay the intact records before any damage")] = False,
-    direct: Annotated[bool, typer.Option(help="no broker: feed the worker's pipeline in-process")] = False,
+    restamp: Annotated[bool, typer.Option(help="set captured-at to the publish time", metavar="")] = False,
+    allow_damaged: Annotated[
+        bool, typer.Option(help="replay the intact records before any damage", metavar="")
+    ] = False,
+    direct: Annotated[bool, typer.Option(help="no broker: feed the worker's pipeline in-process", metavar="")] = False,
     checkpoint: Annotated[Path | None, typer.Option(help="--direct: model checkpoint")] = None,
     routes: Annotated[Path | None, typer.Option(help="--direct: routing table")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="--direct: routing commands as JSON lines")] = None,
+    broker_wait: BrokerWaitOpt = 30.0,
     bootstrap_servers: BootstrapOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
@@ -106,14 +113,12 @@ def replay(
     else:
         from sorter.traffic.replay import replay_to_kafka
 
-        bootstrap, client, _ = _kafka(config, bootstrap_servers)
+        kafka = _kafka(config, bootstrap_servers, broker_wait)
         stop = threading.Event()
         from sorter.traffic.capture import stop_on_signals
 
         stop_on_signals(stop)
-        report = replay_to_kafka(
-            reader, bootstrap, plan, allow_damaged=allow_damaged, client_config=client, stop=stop.is_set
-        )
+        report = replay_to_kafka(reader, kafka, plan, allow_damaged=allow_damaged, stop=stop.is_set)
         summary = report.summary()
         err_console.print(
             f"sent {summary['sent']} in {summary['seconds']} s ({summary['rate_per_s']}/s); behind schedule "
@@ -185,6 +190,7 @@ def simulate(
     topic_prefix: Annotated[str, typer.Option(help="frames topic prefix")] = "frames.",
     partitions: Annotated[int, typer.Option(help="partitions of the station topics it creates")] = 1,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="write a recording instead of publishing")] = None,
+    broker_wait: BrokerWaitOpt = 30.0,
     bootstrap_servers: BootstrapOpt = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -215,23 +221,22 @@ def simulate(
         from sorter.stream.kafka import ensure_topics
         from sorter.traffic.capture import stop_on_signals
 
-        bootstrap, client, settings = _kafka(config, bootstrap_servers)
-        ensure_topics(settings.kafka, {f"{topic_prefix}{s}": partitions for s in sim.stations})
+        kafka = _kafka(config, bootstrap_servers, broker_wait)
+        ensure_topics(kafka, {f"{topic_prefix}{s}": partitions for s in sim.stations})
         stop = threading.Event()
         stop_on_signals(stop)
-        err_console.print(
-            f"publishing to {bootstrap} ({', '.join(topic_prefix + s for s in sim.stations)}); Ctrl-C stops"
-        )
-        sim.publish(bootstrap, duration_s=duration, stop=stop, client_config=client)
-        where = bootstrap
+        topics = ", ".join(topic_prefix + s for s in sim.stations)
+        err_console.print(f"publishing to {kafka.bootstrap_servers} ({topics}); Ctrl-C stops")
+        sim.publish(kafka, duration_s=duration, stop=stop)
+        where = kafka.bootstrap_servers
     err_console.print(f"{sim.items_sent} items, {sim.frames_sent} frames -> {where} (run id {sim.run_id})")
 
 
 def inspect(
-    recording: Annotated[Path, typer.Argument(help="a .sorterrec file")],
+    recording: Annotated[Path, typer.Argument(metavar="RECORDING", help="a .sorterrec file")],
     extract: Annotated[Path | None, typer.Option(help="write the frames as image files under this folder")] = None,
     limit: Annotated[int | None, typer.Option(help="extract at most this many frames")] = None,
-    allow_damaged: Annotated[bool, typer.Option(help="exit 0 even if the file is damaged")] = False,
+    allow_damaged: Annotated[bool, typer.Option(help="exit 0 even if the file is damaged", metavar="")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """What a recording holds: stations, items, time span, rate, sizes; optionally its frames as images."""
@@ -265,8 +270,10 @@ def inspect(
 
 
 def diff(
-    a: Annotated[Path, typer.Argument(help="commands of run A: JSON lines or a recording of the commands topic")],
-    b: Annotated[Path, typer.Argument(help="commands of run B")],
+    a: Annotated[
+        Path, typer.Argument(metavar="A", help="commands of run A: JSON lines or a recording of the commands topic")
+    ],
+    b: Annotated[Path, typer.Argument(metavar="B", help="commands of run B")],
     limit: Annotated[int, typer.Option(help="changed items to list")] = 20,
     fail_under: Annotated[float | None, typer.Option(help="exit 1 if chute agreement is below this (0-1)")] = None,
     as_json: JsonOpt = False,
@@ -308,6 +315,15 @@ def diff(
         raise typer.Exit(1)
 
 
-def register(app: typer.Typer) -> None:
-    for fn in (record, replay, simulate, inspect, diff):
-        app.command(fn.__name__)(fn)
+EXAMPLES = {
+    record: "sorter record --out line-3.sorterrec --duration 600",
+    replay: "sorter replay line-3.sorterrec --speed 2 --topic-prefix staging.",
+    simulate: "sorter simulate --stations 4 --rate 5 --frames-per-item 1-3 --duration 60",
+    inspect: "sorter inspect line-3.sorterrec --extract frames/ --limit 20",
+    diff: "sorter diff commands-a.jsonl commands-b.sorterrec --fail-under 0.99",
+}
+
+
+def register(app: typer.Typer, panel: str) -> None:
+    for fn, example in EXAMPLES.items():
+        app.command(fn.__name__, rich_help_panel=panel, epilog=f"Example: [bold]{example}[/]")(fn)

@@ -21,6 +21,7 @@ from confluent_kafka import Producer
 from sorter.errors import SorterError
 from sorter.logs import get_logger
 from sorter.progress import make_progress
+from sorter.settings import KafkaSettings
 from sorter.stream.contracts import RawFrame, Source
 from sorter.stream.pipeline import BatchResult, Pipeline, now_ms
 from sorter.traffic.recording import Reader, Record, RecordingDamaged
@@ -147,19 +148,17 @@ def _check(info: Survey, allow_damaged: bool) -> None:
 
 def replay_to_kafka(
     reader: Reader,
-    bootstrap: str,
+    kafka: KafkaSettings,
     plan: ReplayPlan,
     *,
     allow_damaged: bool = False,
     create_topics: bool = True,
-    client_config: dict[str, str] | None = None,
     progress: bool = True,
     stop: Callable[[], bool] = lambda: False,
 ) -> ReplayReport:
     """Publish the recording with its keys and headers; returns the rate and the lag behind schedule."""
-    from sorter.settings import KafkaSettings
     from sorter.stream.delivery import CheckedProducer
-    from sorter.stream.kafka import ensure_topics
+    from sorter.stream.kafka import ensure_topics, tool_config
 
     info = survey(reader)
     _check(info, allow_damaged)
@@ -167,10 +166,9 @@ def replay_to_kafka(
     for topic, n in info.partitions.items():
         wanted[plan.topic(topic)] = max(wanted.get(plan.topic(topic), 0), n)
     if create_topics and wanted:
-        ensure_topics(KafkaSettings(bootstrap_servers=bootstrap), wanted)
-    config = {"bootstrap.servers": bootstrap, "linger.ms": 1, "enable.idempotence": True, **(client_config or {})}
-    producer = CheckedProducer(config)
-    partitions = _partition_counts(Producer({"bootstrap.servers": bootstrap, **(client_config or {})}), wanted)
+        ensure_topics(kafka, wanted)  # with the client settings (SASL, TLS) like every other call
+    producer = CheckedProducer(tool_config(kafka, {"linger.ms": 1, "enable.idempotence": True}))
+    partitions = _partition_counts(Producer(tool_config(kafka)), wanted)
     report = ReplayReport()
     total = info.records * plan.loops
     log.info("replay.started", records=info.records, loops=plan.loops, speed=plan.speed, topics=sorted(wanted))

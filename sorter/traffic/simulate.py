@@ -16,11 +16,15 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sorter.data.synth import ProductDesign, catalog, render
 from sorter.traffic.recording import Record, Writer
+
+if TYPE_CHECKING:
+    from sorter.settings import KafkaSettings
 
 
 @dataclass(frozen=True)
@@ -95,17 +99,18 @@ class Simulator:
     # -- to a broker, in real time ---------------------------------------------------------------
     def publish(
         self,
-        bootstrap: str,
+        kafka: KafkaSettings,
         *,
         duration_s: float | None = None,
         stop: threading.Event | None = None,
-        client_config: dict | None = None,
     ) -> None:
         """One thread per station until ``duration_s`` or ``stop``; returns when all are done."""
         from confluent_kafka import Producer
 
+        from sorter.stream.kafka import tool_config
+
         stop = stop or threading.Event()
-        producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, **(client_config or {})})
+        producer = Producer(tool_config(kafka, {"linger.ms": 5}))
         lock = threading.Lock()
         end = None if duration_s is None else time.monotonic() + duration_s
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import numpy as np
 import pytest
 
+from sorter.settings import KafkaSettings
 from sorter.stream.app import build_pipeline, build_worker
 from sorter.stream.cache import MemoryCache
 from sorter.stream.kafka import ensure_topics
@@ -16,6 +17,7 @@ from sorter.traffic.diff import diff_commands
 from sorter.traffic.recording import Reader, Record, Writer
 from sorter.traffic.replay import ReplayPlan, replay_direct, replay_to_kafka
 from sorter.traffic.simulate import Simulator
+from tests.figures import report as report_figure
 from tests.integration.conftest import produce
 
 pytestmark = pytest.mark.integration
@@ -30,7 +32,6 @@ def by_partition(records) -> dict[int, list[tuple]]:
 
 def test_record_then_replay_gives_identical_keys_values_headers_and_partition_order(namespace, bootstrap, tmp_path):
     source, target = f"{namespace}-frames.dock-1", f"{namespace}-copy.dock-1"
-    from sorter.settings import KafkaSettings
 
     ensure_topics(KafkaSettings(bootstrap_servers=bootstrap), {source: 2})
     rng = np.random.default_rng(0)
@@ -45,14 +46,31 @@ def test_record_then_replay_gives_identical_keys_values_headers_and_partition_or
     produce(bootstrap, source, frames)
 
     first = tmp_path / "first.sorterrec"
-    stats = capture(bootstrap, f"^{source}$", Writer(first), start="earliest", idle_exit_s=3, progress=False)
+    stats = capture(
+        KafkaSettings(bootstrap_servers=bootstrap),
+        f"^{source}$",
+        Writer(first),
+        start="earliest",
+        idle_exit_s=3,
+        progress=False,
+    )
     assert stats.records == 120
     report = replay_to_kafka(
-        Reader.open(first), bootstrap, ReplayPlan(speed=None, topic_map={source: target}), progress=False
+        Reader.open(first),
+        KafkaSettings(bootstrap_servers=bootstrap),
+        ReplayPlan(speed=None, topic_map={source: target}),
+        progress=False,
     )
     assert report.sent == 120
     second = tmp_path / "second.sorterrec"
-    capture(bootstrap, target, Writer(second), start="earliest", idle_exit_s=3, progress=False)
+    capture(
+        KafkaSettings(bootstrap_servers=bootstrap),
+        target,
+        Writer(second),
+        start="earliest",
+        idle_exit_s=3,
+        progress=False,
+    )
 
     a, b = list(Reader.open(first).records()), list(Reader.open(second).records())
     assert {r.topic for r in b} == {target}
@@ -68,7 +86,9 @@ def test_replay_at_10x_keeps_the_recorded_timing_within_20_ms(namespace, bootstr
     with Writer(path) as w:
         for i, ts in enumerate(t):
             w.write(Record(f"{namespace}-frames.dock-1", 0, i, int(ts), f"i{i}".encode(), (), b"x" * 2000))
-    report = replay_to_kafka(Reader.open(path), bootstrap, ReplayPlan(speed=10.0), progress=False)
+    report = replay_to_kafka(
+        Reader.open(path), KafkaSettings(bootstrap_servers=bootstrap), ReplayPlan(speed=10.0), progress=False
+    )
     s = report.summary()
     expected = (t[-1] - t[0]) / 1000 / 10
     assert s["sent"] == 80 and s["lag_max_ms"] <= 20, s
@@ -76,7 +96,14 @@ def test_replay_at_10x_keeps_the_recorded_timing_within_20_ms(namespace, bootstr
 
     # the broker's view: timestamps of the replayed messages keep the scaled gaps
     copy = tmp_path / "copy.sorterrec"
-    capture(bootstrap, f"{namespace}-frames.dock-1", Writer(copy), start="earliest", idle_exit_s=3, progress=False)
+    capture(
+        KafkaSettings(bootstrap_servers=bootstrap),
+        f"{namespace}-frames.dock-1",
+        Writer(copy),
+        start="earliest",
+        idle_exit_s=3,
+        progress=False,
+    )
     sent = np.array([r.timestamp_ms for r in Reader.open(copy).records()])
     assert len(sent) == 80
     drift = (sent - sent[0]) - (t - t[0]) / 10
@@ -96,7 +123,9 @@ def test_simulated_traffic_replayed_through_the_worker_matches_a_direct_replay(
     sim.record(Writer(recording), duration_s=4.0)
     assert sim.items_sent >= 20
 
-    replay_to_kafka(Reader.open(recording), bootstrap, ReplayPlan(speed=4.0), progress=False)
+    replay_to_kafka(
+        Reader.open(recording), KafkaSettings(bootstrap_servers=bootstrap), ReplayPlan(speed=4.0), progress=False
+    )
     worker = build_worker(settings)
     stats = worker.run(idle_exit_s=5)
     assert stats.frames == sim.frames_sent and not stats.dead_letters
@@ -104,7 +133,12 @@ def test_simulated_traffic_replayed_through_the_worker_matches_a_direct_replay(
 
     commands_rec = tmp_path / "commands.sorterrec"
     capture(
-        bootstrap, settings.kafka.commands_topic, Writer(commands_rec), start="earliest", idle_exit_s=3, progress=False
+        KafkaSettings(bootstrap_servers=bootstrap),
+        settings.kafka.commands_topic,
+        Writer(commands_rec),
+        start="earliest",
+        idle_exit_s=3,
+        progress=False,
     )
     via_broker = {}
     for r in Reader.open(commands_rec).records():
@@ -121,7 +155,23 @@ def test_simulated_traffic_replayed_through_the_worker_matches_a_direct_replay(
     }
     d = diff_commands(via_broker, direct)
     assert d.common == sim.items_sent and not d.only_a and not d.only_b
-    assert d.chute_agreement >= 0.95  # same model and photos; batch composition may move a borderline call
+    # Why the two can differ: an item's photos decided in one batch take the most confident one, photos in
+    # later batches are cache hits. Which photos share a batch depends on arrival timing (live) or on the
+    # batch cut (direct), so an item whose photos disagree can be decided differently. Items with a single
+    # photo see the same pixels and model either way.
+    frames_per_item = Counter(r.key for r in Reader.open(recording).records())
+    changed = [c["item_id"] for c in d.changed]
+    single = [i for i in changed if frames_per_item[i.encode()] == 1]
+    report_figure(
+        "live worker vs replay --direct, same recording and checkpoint",
+        items=d.common,
+        chute_agreement=round(d.chute_agreement, 4),
+        changed=len(changed),
+        changed_single_photo=len(single),
+        multi_photo_items=sum(1 for n in frames_per_item.values() if n > 1),
+    )
+    assert len(single) <= 1, single  # one borderline call may move with bf16 batch numerics, no more
+    assert d.chute_agreement >= 0.9
 
 
 def test_cli_direct_replay_writes_commands_a_diff_can_read(checkpoint, routes, tmp_path):
