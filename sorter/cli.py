@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from sorter.cli_options import JsonOpt, example, print_json
 from sorter.errors import SorterError
 from sorter.logs import configure_logging, report_failure
 
@@ -24,10 +25,6 @@ out_console = Console()
 
 # `sorter --help` groups the commands by what a user came to do
 MODEL, STREAM, TRAFFIC, MEASURE = "Model", "Stream", "Traffic", "Measure"
-
-
-def _example(command: str) -> str:
-    return f"Example: [bold]{command}[/]"
 
 
 def _print_version(value: bool) -> None:
@@ -59,7 +56,7 @@ def _root(
 _LOG_LEVEL_FLAG: str | None = None  # `sorter --log-level X run` wins over SORTER_LOG_LEVEL and the config file
 
 
-@app.command(rich_help_panel=MODEL, epilog=_example("sorter synth data --classes 8 --per-class 60 --test-per-class 20"))
+@app.command(rich_help_panel=MODEL, epilog=example("sorter synth data --classes 8 --per-class 60 --test-per-class 20"))
 def synth(
     out_dir: Annotated[Path, typer.Argument(metavar="OUT_DIR", help="folder to write the ImageFolder tree into")],
     classes: Annotated[int, typer.Option(help="number of product classes")] = 10,
@@ -101,7 +98,7 @@ def synth(
     out_console.print(f"wrote {total} photos of {classes} products to {out_dir}")
 
 
-@app.command(rich_help_panel=MODEL, epilog=_example("sorter train data --out model.pt --backbone mobilenet_v2"))
+@app.command(rich_help_panel=MODEL, epilog=example("sorter train data --out model.pt --backbone mobilenet_v2"))
 def train(
     data_dir: Annotated[
         Path, typer.Argument(metavar="DATA", help="ImageFolder tree (DATA/<label>/*.jpg, or DATA/train + DATA/val)")
@@ -172,13 +169,13 @@ def train(
     )
 
 
-@app.command(rich_help_panel=MODEL, epilog=_example("sorter evaluate data --checkpoint model.pt --json"))
+@app.command(rich_help_panel=MODEL, epilog=example("sorter evaluate data --checkpoint model.pt --json"))
 def evaluate(
     data_dir: Annotated[
         Path, typer.Argument(metavar="DATA", help="ImageFolder tree; test/ or val/ inside it is used if present")
     ],
     checkpoint: Annotated[Path, typer.Option("--checkpoint", "-c")],
-    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object as the last line", metavar="")] = False,
+    as_json: JsonOpt = False,
     confusion: Annotated[
         Path | None, typer.Option(help="confusion-matrix PNG (default: next to the checkpoint)")
     ] = None,
@@ -228,11 +225,11 @@ def evaluate(
     if as_json:
         summary = evaluation.summary() | {"confusion_png": str(png), "skipped_seen": score.skipped_seen}
         summary |= {"suggested_min_confidence": s, "risk_coverage_png": str(rc_png)}
-        sys.stdout.write(json.dumps(summary) + "\n")
+        print_json(summary)
 
 
 @app.command(
-    rich_help_panel=MODEL, epilog=_example("sorter explain photo.jpg --checkpoint model.pt --out attention.png")
+    rich_help_panel=MODEL, epilog=example("sorter explain photo.jpg --checkpoint model.pt --out attention.png")
 )
 def explain(
     image: Annotated[Path, typer.Argument(metavar="PHOTO", help="a photo (JPEG, PNG, WebP, ...)")],
@@ -253,7 +250,7 @@ def explain(
     out_console.print(f"attention map: {out}")
 
 
-@app.command(rich_help_panel=STREAM, epilog=_example("sorter --log-format console demo --duration 60"))
+@app.command(rich_help_panel=STREAM, epilog=example("sorter --log-format console demo --duration 60"))
 def demo(
     duration: Annotated[float, typer.Option(help="seconds to run; Ctrl-C stops earlier")] = 30.0,
     stations: Annotated[int, typer.Option(help="simulated conveyor stations")] = 3,
@@ -271,36 +268,26 @@ def demo(
     run_streaming_demo(duration, stations, rate, device)
 
 
-@app.command("demo-model", rich_help_panel=MODEL, epilog=_example("sorter demo-model"))
+@app.command("demo-model", rich_help_panel=MODEL, epilog=example("sorter demo-model"))
 def demo_model(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
 ) -> None:
     """Train (once, cached) and evaluate the demo model on unseen synthetic photos, with pictures."""
-    from sorter.demo import ensure_demo_model
-    from sorter.train.evaluate import evaluate_folder
-    from sorter.train.explain import explain_image
-    from sorter.train.plots import plot_confusion
+    from sorter.demo import show_demo_model
 
-    files = ensure_demo_model(device=device)
-    score = evaluate_folder(files.test, files.checkpoint, device=device)
-    evaluation, classes = score.evaluation, score.classes
-    confusion_png = files.root / "confusion.png"
-    plot_confusion(evaluation.confusion, classes, confusion_png, title="demo model on unseen photos")
-    photo = sorted(files.test.glob("*/*.jpg"))[0]
-    explanation = explain_image(photo, files.checkpoint, files.root / "attention.png", device=device)
-    label, sku, p = explanation.top[0]
+    r = show_demo_model(device)
+    e = r.evaluation
     out_console.print(
-        f"\n[bold]demo model[/] {files.checkpoint}\n"
-        f"  unseen photos: {evaluation.n}, accuracy {evaluation.accuracy:.3f}, macro-F1 {evaluation.macro_f1:.3f}, "
-        f"ECE {evaluation.ece:.3f}\n"
-        f"  {photo.name} -> {label} ({sku}) with confidence {p:.3f}\n"
-        f"  pictures: {files.root / 'model.curves.png'}, {confusion_png}, {files.root / 'attention.png'}"
+        f"\n[bold]demo model[/] {r.checkpoint}\n"
+        f"  unseen photos: {e.n}, accuracy {e.accuracy:.3f}, macro-F1 {e.macro_f1:.3f}, ECE {e.ece:.3f}\n"
+        f"  {r.photo.name} -> {r.label} ({r.sku}) with confidence {r.confidence:.3f}\n"
+        f"  pictures: {', '.join(str(p) for p in r.pictures)}"
     )
 
 
 @app.command(
     rich_help_panel=STREAM,
-    epilog=_example("sorter run --config sorter.yaml --checkpoint model.pt --routes routes.yaml"),
+    epilog=example("sorter run --config sorter.yaml --checkpoint model.pt --routes routes.yaml"),
 )
 def run(
     config: Annotated[Path | None, typer.Option(help="YAML settings file (also SORTER_CONFIG)")] = None,
@@ -358,7 +345,7 @@ def run(
     worker.run(max_frames=max_frames, idle_exit_s=idle_exit)
 
 
-@app.command("dev-services", rich_help_panel=STREAM, epilog=_example("sorter dev-services"))
+@app.command("dev-services", rich_help_panel=STREAM, epilog=example("sorter dev-services"))
 def dev_services() -> None:
     """Start a local Kafka-compatible broker and Redis, print how to point `sorter run` at them; Ctrl-C stops."""
     import signal as _signal
@@ -386,7 +373,7 @@ def dev_services() -> None:
 
 
 @app.command(
-    rich_help_panel=MEASURE, epilog=_example("sorter bench --backbone mobilenet_v2 --image-size 160 --frames 300")
+    rich_help_panel=MEASURE, epilog=example("sorter bench --backbone mobilenet_v2 --image-size 160 --frames 300")
 )
 def bench(
     backbone: Annotated[str, typer.Option(help="resnet18 or mobilenet_v2")] = "resnet18",
@@ -409,12 +396,10 @@ def bench(
     bootstrap_servers: Annotated[str | None, typer.Option(help="use this broker (default: start Tansu)")] = None,
     redis_url: Annotated[str | None, typer.Option(help="use this Redis (default: start one)")] = None,
     out: Annotated[Path, typer.Option(help="folder for the JSON and the plot")] = Path("benchmarks/results"),
-    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object as the last line", metavar="")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Ceiling vs end to end vs naive loop vs broker alone, latency at 70% load, and a plot."""
-    import json as _json
-
-    from sorter.bench import BenchConfig, plot, run, summary_lines
+    from sorter.bench import BenchConfig, run, save, summary_lines
 
     cfg = BenchConfig(
         backbone=backbone,
@@ -434,16 +419,13 @@ def bench(
         redis_url=redis_url,
     )
     result = run(cfg)
-    tag = f"{backbone}-{image_size}-{'gpu' if result['machine']['gpu'] else 'cpu'}" + ("-compiled" if compile else "")
-    tag += "-eos" if delivery == "exactly-once" else ""
-    png = plot(result, out / f"bench-{tag}.png")
-    (out / f"bench-{tag}.json").write_text(_json.dumps(result, indent=1) + "\n")
+    png, data = save(result, cfg, out)
     console = Console(stderr=as_json)
     for line in summary_lines(result):
         console.print(line)
-    console.print(f"plot: {png}")
+    console.print(f"plot: {png}, data: {data}")
     if as_json:
-        sys.stdout.write(_json.dumps(result) + "\n")
+        print_json(result)
 
 
 def _register_traffic() -> None:

@@ -281,3 +281,32 @@ def run_streaming_demo(duration: float, stations: int, rate: float, device: str 
             f"worker: {s.frames} frames, {s.commands} commands, {s.cache_hits} cache hits, "
             f"dead letters {dict(s.dead_letters)}; JSON logs: {work / 'worker.log'}"
         )
+
+
+@dataclass(frozen=True)
+class DemoModelReport:
+    checkpoint: Path
+    evaluation: object  # sorter.train.metrics.Evaluation on the unseen photos
+    photo: Path  # the photo explained
+    label: str
+    sku: str
+    confidence: float
+    pictures: tuple[Path, ...]  # training curves, confusion matrix, attention map
+
+
+def show_demo_model(device: str = "auto") -> DemoModelReport:
+    """``sorter demo-model``: the demo model (trained once, cached), scored on its unseen photos, with a
+    confusion matrix and the attention map of one photo."""
+    from sorter.train.evaluate import evaluate_folder
+    from sorter.train.explain import explain_image
+    from sorter.train.plots import plot_confusion
+
+    files = ensure_demo_model(device=device)
+    score = evaluate_folder(files.test, files.checkpoint, device=device)
+    confusion_png = files.root / "confusion.png"
+    plot_confusion(score.evaluation.confusion, score.classes, confusion_png, title="demo model on unseen photos")
+    photo = sorted(files.test.glob("*/*.jpg"))[0]
+    explanation = explain_image(photo, files.checkpoint, files.root / "attention.png", device=device)
+    label, sku, p = explanation.top[0]
+    pictures = (files.root / "model.curves.png", confusion_png, files.root / "attention.png")
+    return DemoModelReport(files.checkpoint, score.evaluation, photo, label, sku, p, pictures)

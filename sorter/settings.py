@@ -13,6 +13,7 @@ Secrets (the Redis URL, every pass-through client property) are ``SecretStr``: t
 from __future__ import annotations
 
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +29,11 @@ from sorter.limits import default_decode_threads
 # folder, and the test suite's own services.
 OTHER_VARIABLES = {"SORTER_CONFIG", "SORTER_FAILPOINTS", "SORTER_CACHE"}
 OTHER_PREFIXES = ("SORTER_TEST_", "SORTER_KAFKA__CLIENT__")
+# Kubernetes service links: a Service named sorter-<x> in the namespace gives every pod SORTER_<X>_SERVICE_HOST,
+# SORTER_<X>_PORT_9400_TCP and the like (deploy/ turns them off, but other manifests may not)
+SERVICE_LINK = re.compile(
+    r"^SORTER_[A-Z0-9_]+_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_\d+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?)?)$"
+)
 
 
 class Section(BaseModel):
@@ -109,7 +115,7 @@ class RedisSettings(Section):
         from urllib.parse import urlsplit
 
         parts = urlsplit(value.get_secret_value())
-        if parts.scheme not in ("redis", "rediss", "unix") or not (parts.netloc or parts.path):
+        if parts.scheme not in ("redis", "rediss", "unix") or (parts.scheme == "unix" and not parts.path):
             raise ValueError(
                 "not a Redis URL: use redis://[:password@]host:port/db, rediss://... for TLS, or unix:///path"
             )
@@ -183,12 +189,15 @@ def known_variables() -> set[str]:
     """Every SORTER_* variable the settings tree reads (nested sections with ``__``)."""
     names = set()
     for field, info in Settings.model_fields.items():
-        section = info.annotation if isinstance(info.annotation, type) else None
-        if section is not None and issubclass(section, BaseModel):
-            names |= {f"SORTER_{field}__{sub}".upper() for sub in section.model_fields}
+        if _is_section(info.annotation):
+            names |= {f"SORTER_{field}__{sub}".upper() for sub in info.annotation.model_fields}
         else:
             names.add(f"SORTER_{field}".upper())
     return names
+
+
+def _is_section(annotation: object) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 def warn_unknown_variables(environ: dict[str, str] | None = None) -> list[str]:
@@ -200,10 +209,14 @@ def warn_unknown_variables(environ: dict[str, str] | None = None) -> list[str]:
 
     environ = os.environ if environ is None else environ
     known = known_variables()
-    unknown = [
+    sections = {f"SORTER_{f}".upper() for f, i in Settings.model_fields.items() if _is_section(i.annotation)}
+    unknown = [  # compared in upper case: pydantic-settings reads the variables case-insensitively
         k
         for k in environ
-        if k.startswith("SORTER_") and k not in known | OTHER_VARIABLES and not k.startswith(OTHER_PREFIXES)
+        if k.upper().startswith("SORTER_")
+        and k.upper() not in known | OTHER_VARIABLES | sections  # SORTER_KAFKA='{...}' sets a whole section
+        and not k.upper().startswith(OTHER_PREFIXES)
+        and not SERVICE_LINK.match(k.upper())
     ]
     for name in sorted(unknown):
         close = difflib.get_close_matches(name, sorted(known | OTHER_VARIABLES), n=1, cutoff=0.8)

@@ -191,3 +191,61 @@ def test_help_groups_the_commands_and_every_command_shows_an_example_and_no_bool
         flags = [line for line in text.splitlines() if "<bool>" in line and "--help" not in line]
         assert not flags, (name, flags)
         assert "{out_dir}" not in text and "{data_dir}" not in text
+
+
+def test_a_port_left_in_time_wait_by_the_previous_process_is_not_taken(tmp_path):
+    """A container restarted in the same pod finds its old connections to the metrics port in TIME_WAIT
+    (the server closes every probe connection): the port is free for a server, so start-up must go on."""
+    import threading
+    import urllib.request
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from sorter.settings import load_settings
+    from sorter.stream.app import _check_port
+
+    class Ok(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    previous = ThreadingHTTPServer(("127.0.0.1", 0), Ok)
+    port = previous.server_address[1]
+    threading.Thread(target=previous.serve_forever, daemon=True).start()
+    urllib.request.urlopen(f"http://127.0.0.1:{port}/livez", timeout=5).read()
+    previous.shutdown()
+    previous.server_close()
+    _check_port(load_settings(observe={"host": "127.0.0.1", "port": port}))  # no ConfigError
+
+
+def test_a_bad_checkpoint_or_strict_route_stops_start_up_before_the_broker_wait(tmp_path):
+    """With the broker down too, what is wrong with the files must not hide behind a 60 s broker wait."""
+    import socket
+    import time
+
+    from sorter.errors import SorterError
+    from sorter.settings import load_settings
+    from sorter.stream.app import build_worker
+    from tests.test_evaluate import _checkpoint
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there
+    good = _checkpoint(tmp_path / "m.pt", set())
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(good.read_bytes()[:-100])  # truncated
+    routes = tmp_path / "routes.yaml"
+    routes.write_text("default_chute: C-99\nreview_chute: REVIEW\nroutes: {no-such-label: C-01}\n")
+    base = {
+        "kafka": {"bootstrap_servers": f"127.0.0.1:{port}", "startup_timeout_s": 60},
+        "redis": {"enabled": False},
+        "observe": {"enabled": False},
+        "routes": routes,
+    }
+    for checkpoint, strict, expected in ((bad, False, r"bad\.pt"), (good, True, "no-such-label")):
+        started = time.monotonic()
+        with pytest.raises(SorterError, match=expected):
+            build_worker(load_settings(**base, model={"checkpoint": checkpoint, "device": "cpu"}, strict_routes=strict))
+        assert time.monotonic() - started < 20

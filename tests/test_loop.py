@@ -646,3 +646,16 @@ def test_idle_exit_waits_out_a_rebalance_that_hands_a_backlog_over():
     w.consumer.schedule(("assign", [(TOPIC, 1)]), after_s=1.3)  # the handover completes
     w.run(idle_exit_s=1.0)
     assert sorted(routed(cluster)) == sorted(mine + theirs)
+
+
+def test_idle_exit_when_the_group_never_answers_is_an_error_not_a_hang():
+    """No assignment at all (coordinator not ready, no group ACL): a run with --idle-exit must end, with
+    a message, after the idle time plus one session timeout."""
+    from sorter.errors import SorterError
+
+    cluster = FakeCluster()
+    w = new_worker(cluster, settings(kafka={"session_timeout_ms": 1000}))
+    started = time.monotonic()
+    with pytest.raises(SorterError, match=r"never assigned.*group"):
+        w.run(idle_exit_s=0.2)
+    assert time.monotonic() - started < 5

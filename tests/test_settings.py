@@ -91,9 +91,29 @@ def test_an_unknown_sorter_variable_is_warned_about_with_the_closest_real_one(mo
     monkeypatch.setenv("SORTER_KAFKA_BOOTSTRAP_SERVERS", "broker:9092")  # one underscore: not nested
     with capture_logs() as logs:
         load_settings()
-    (warning,) = [e for e in logs if e["event"] == "settings.unknown_variable"]
-    assert warning["variable"] == "SORTER_KAFKA_BOOTSTRAP_SERVERS"
+    (warning,) = [e for e in logs if e.get("variable") == "SORTER_KAFKA_BOOTSTRAP_SERVERS"]
+    assert warning["event"] == "settings.unknown_variable"
     assert warning["did_you_mean"] == "SORTER_KAFKA__BOOTSTRAP_SERVERS"
+
+
+def test_variables_something_else_reads_are_not_warned_about():
+    """Kubernetes service links of a Service named sorter-metrics, a whole section as JSON, any case."""
+    from sorter.settings import warn_unknown_variables
+
+    environ = {
+        "SORTER_METRICS_SERVICE_HOST": "10.0.0.1",
+        "SORTER_METRICS_SERVICE_PORT": "9400",
+        "SORTER_METRICS_SERVICE_PORT_METRICS": "9400",
+        "SORTER_METRICS_PORT": "tcp://10.0.0.1:9400",
+        "SORTER_METRICS_PORT_9400_TCP": "tcp://10.0.0.1:9400",
+        "SORTER_METRICS_PORT_9400_TCP_PROTO": "tcp",
+        "SORTER_METRICS_PORT_9400_TCP_PORT": "9400",
+        "SORTER_METRICS_PORT_9400_TCP_ADDR": "10.0.0.1",
+        "SORTER_KAFKA": '{"group_id": "g2"}',
+        "sorter_kafka__group_id": "g3",
+        "SORTER_REDIS__URLL": "redis://r:6379/0",
+    }
+    assert warn_unknown_variables(environ) == ["SORTER_REDIS__URLL"]
 
 
 @pytest.mark.parametrize("url", ["http://redis:6379/0", "not a url"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import replace
 
 import cv2
 import numpy as np
@@ -194,3 +195,17 @@ def test_simulate_and_replay_against_an_unreachable_broker_fail_in_one_line(comm
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert failure_message(proc).startswith("no Kafka broker answered"), proc.stderr
+
+
+def test_tools_read_headers_as_the_worker_does():
+    """One header rule for the worker, replay --station and inspect: the last value of a repeated
+    header, trimmed; a value that is not UTF-8 names nothing (the worker dead-letters that frame)."""
+    from sorter.stream.contracts import parse_frame
+
+    headers = (("station-id", b"dock-1"), ("item-id", b"a-1"), ("station-id", b" dock-2 "))
+    r = Record("frames.dock-9", 0, 7, 1_795_700_000_000, b"k", headers, b"jpeg")
+    frame = parse_frame(r.to_raw(), "frames.")
+    assert (frame.station_id, frame.item_id) == ("dock-2", "a-1")
+    assert r.station() == frame.station_id and r.header("item-id") == frame.item_id
+    assert replace(r, headers=(("camera-id", b"\xff"),)).header("camera-id") is None
+    assert ReplayPlan(stations=frozenset({"dock-2"})).station(r) == "dock-2"

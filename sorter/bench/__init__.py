@@ -23,13 +23,13 @@ from pathlib import Path
 
 from sorter.bench.ceiling import ceiling
 from sorter.bench.inputs import BenchConfig, Frames, decode_threads_for, make_checkpoint, make_frames
-from sorter.bench.report import machine, plot, summary_lines
+from sorter.bench.report import machine, plot, save, summary_lines
 from sorter.bench.streaming import broker_only, e2e, naive, paced
 from sorter.logs import get_logger
 
 log = get_logger("sorter.bench")
 
-__all__ = ["BenchConfig", "Frames", "make_checkpoint", "make_frames", "plot", "run", "summary_lines"]
+__all__ = ["BenchConfig", "Frames", "make_checkpoint", "make_frames", "plot", "run", "save", "summary_lines"]
 
 
 def run(cfg: BenchConfig) -> dict:

@@ -31,6 +31,19 @@ def machine() -> dict:
     }
 
 
+def save(result: dict, cfg, folder: Path) -> tuple[Path, Path]:
+    """Write ``bench-<backbone>-<size>-<cpu|gpu>[-compiled][-eos].json`` and its plot into ``folder``: one
+    name per configuration, so a rerun replaces its own result and no other."""
+    import json
+
+    tag = f"{cfg.backbone}-{cfg.image_size}-{'gpu' if result['machine']['gpu'] else 'cpu'}"
+    tag += ("-compiled" if cfg.compile else "") + ("-eos" if cfg.delivery == "exactly-once" else "")
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / f"bench-{tag}.json"
+    data.write_text(json.dumps(result, indent=1) + "\n")
+    return plot(result, folder / f"bench-{tag}.png"), data
+
+
 def plot(result: dict, path: Path) -> Path:
     import matplotlib
 

@@ -139,7 +139,8 @@ def read_checkpoint(path: Path) -> tuple[ModelMeta, dict[str, torch.Tensor]]:
     try:
         meta = ModelMeta.model_validate(meta_json)
     except ValidationError as exc:
-        raise CheckpointError(f"checkpoint {path} has invalid metadata:\n{exc}") from exc
+        problems = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise CheckpointError(f"checkpoint {path} has invalid metadata ({problems})") from None
     return meta, state
 
 

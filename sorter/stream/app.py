@@ -5,12 +5,14 @@ from __future__ import annotations
 from sorter.errors import ConfigError
 from sorter.limits import check_memory
 from sorter.logs import bound_context, get_logger
+from sorter.model.checkpoint import read_checkpoint
+from sorter.model.runtime import make_runtime
 from sorter.settings import Settings
 from sorter.stream.cache import DecisionCache, NoCache, RedisDecisionCache
 from sorter.stream.inference import Classifier
 from sorter.stream.kafka import ensure_topics, wait_for_broker
 from sorter.stream.pipeline import Decoder, Pipeline
-from sorter.stream.routing import check_routes, load_routing_table
+from sorter.stream.routing import RoutingTable, check_routes, load_routing_table
 from sorter.stream.worker import Worker
 
 log = get_logger("sorter.app")
@@ -41,10 +43,22 @@ def _required_files(settings: Settings) -> None:
         )
 
 
-def build_pipeline(settings: Settings) -> Pipeline:
-    """Everything that can be wrong in the configuration fails here, at start-up, with a message."""
+def preflight(settings: Settings) -> RoutingTable:
+    """What can be wrong without loading the model or reaching the broker, checked first (loading takes
+    seconds, minutes with compile; the broker wait up to startup_timeout_s): the files, the routing table,
+    the checkpoint (read and verified, not built), the routes against its labels and SKUs, the device."""
     _required_files(settings)
     routes = load_routing_table(settings.routes)
+    meta, _ = read_checkpoint(settings.model.checkpoint)
+    check_routes(routes, meta.classes, meta.skus, strict=settings.strict_routes)
+    make_runtime(settings.model.device, settings.model.precision)
+    return routes
+
+
+def build_pipeline(settings: Settings, routes: RoutingTable | None = None) -> Pipeline:
+    """Everything that can be wrong in the configuration fails here, at start-up, with a message
+    (``routes``: what :func:`preflight` returned, when the caller ran it already)."""
+    routes = routes if routes is not None else preflight(settings)
     m = settings.model
     model = Classifier(
         m.checkpoint, device=m.device, precision=m.precision, compile=m.compile, max_batch=settings.batch.max_size
@@ -59,7 +73,6 @@ def build_pipeline(settings: Settings) -> Pipeline:
         compiled=model.buckets is not None,
         compile_s=round(model.compile_s, 1),
     )
-    check_routes(routes, model.meta.classes, model.meta.skus, strict=settings.strict_routes)
     b = settings.batch
     return Pipeline(
         model,
@@ -83,26 +96,27 @@ def _check_port(settings: Settings) -> None:
     must not find out after loading that the second cannot serve /metrics and the probes."""
     import socket
 
+    from sorter.stream.observe import port_taken
+
     o = settings.observe
     if not o.enabled or o.port == 0:
         return
     with socket.socket() as s:
+        # as the server binds: connections of a previous process in TIME_WAIT (a container restarted in
+        # its pod) do not make the port taken
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((o.host, o.port))
         except OSError as exc:
-            raise ConfigError(
-                f"port {o.port} on {o.host} for /metrics and the probes is taken ({exc.strerror}): pass "
-                "--metrics-port (0 picks a free one) or set SORTER_OBSERVE__PORT"
-            ) from None
+            raise port_taken(o.host, o.port, exc) from None
 
 
 def _build_worker(settings: Settings, *, create_topics: bool = True, **kwargs) -> Worker:
     # what can be checked without the model first: loading it takes seconds (minutes with --compile)
     _check_port(settings)
-    _required_files(settings)
-    load_routing_table(settings.routes)
+    routes = preflight(settings)
     wait_for_broker(settings.kafka, settings.kafka.startup_timeout_s)
-    pipeline = build_pipeline(settings)
+    pipeline = build_pipeline(settings, routes)
     memory = check_memory(settings)  # with the model loaded: what is left must hold the frames in flight
     log.info("worker.limits", decode_threads=settings.batch.decode_threads, **memory)
     if create_topics:

@@ -82,8 +82,9 @@ class Frame:
         return self.raw.value or b""
 
 
-def _header(headers: tuple[tuple[str, bytes | None], ...], name: str) -> str | None:
-    """The last value of header ``name`` as text; FrameError if it is not UTF-8."""
+def header_text(headers: tuple[tuple[str, bytes | None], ...], name: str) -> str | None:
+    """The last value of header ``name`` as trimmed text (None when absent or blank); FrameError if it
+    is not UTF-8. The one header rule: the worker, the metrics and the recording tools all read through it."""
     value = None
     for key, raw in headers:
         if key == name:
@@ -105,7 +106,7 @@ def parse_frame(raw: RawFrame, topic_prefix: str = "frames.") -> Frame:
     """Validate a raw frame's metadata; raise :class:`FrameError` with a reason code when it breaks the contract."""
     if raw.header_error is not None:
         raise FrameError("bad_header", f"the headers cannot be read: {raw.header_error[:200]}")
-    item_id = _header(raw.headers, "item-id")
+    item_id = header_text(raw.headers, "item-id")
     if item_id is None and raw.key:
         try:
             item_id = raw.key.decode("utf-8").strip() or None
@@ -115,12 +116,12 @@ def parse_frame(raw: RawFrame, topic_prefix: str = "frames.") -> Frame:
         raise FrameError("missing_item_id", "no item-id header and no message key: the item cannot be identified")
     if not ITEM_ID_PATTERN.match(item_id):
         raise FrameError("bad_item_id", f"item id {item_id[:40]!r} is not 1-128 characters of [A-Za-z0-9._:-]")
-    station_id = _header(raw.headers, "station-id") or station_from_topic(raw.source.topic, topic_prefix)
+    station_id = header_text(raw.headers, "station-id") or station_from_topic(raw.source.topic, topic_prefix)
     if station_id is None:
         raise FrameError("missing_station_id", f"no station-id header and topic {raw.source.topic!r} names no station")
     if not STATION_ID_PATTERN.match(station_id):
         raise FrameError("bad_station_id", f"station id {station_id[:40]!r} is not 1-128 characters of [A-Za-z0-9._:-]")
-    captured = _header(raw.headers, "captured-at")
+    captured = header_text(raw.headers, "captured-at")
     captured_at_ms = None
     if captured is not None:
         try:
@@ -131,7 +132,7 @@ def parse_frame(raw: RawFrame, topic_prefix: str = "frames.") -> Frame:
             raise FrameError(
                 "bad_captured_at", f"captured-at {captured_at_ms} is not a plausible epoch-millisecond time"
             )
-    camera_id = _header(raw.headers, "camera-id")
+    camera_id = header_text(raw.headers, "camera-id")
     if camera_id is not None and not CAMERA_ID_PATTERN.match(camera_id):
         raise FrameError("bad_camera_id", f"camera id {camera_id[:40]!r} is not 1-128 characters of [A-Za-z0-9._:-]")
     if not raw.value:

@@ -76,15 +76,17 @@ CLIENT_LOGGER = _client_logger()  # in every config below: one rate limit per pr
 
 def tool_config(s: KafkaSettings, tool: dict[str, object] | None = None) -> dict[str, object]:
     """Every other client sorter makes (demo view, record, replay, simulate, bench), from the same settings
-    as the worker's: the user's client settings (SASL, TLS) apply, and librdkafka's lines go through the
-    same rate-limited JSON events, never raw to stderr. The tool's own choices (``tool``) come first and
-    the user's client settings win over them."""
+    as the worker's: the user's client settings (SASL, TLS, timeouts) apply, and librdkafka's lines go
+    through the same rate-limited JSON events, never raw to stderr. What the tool sets on purpose
+    (``tool``: its group, where it starts reading, idempotence) wins over the user's client settings, which
+    are tuned for the worker: ``auto.offset.reset=latest`` there must not turn ``record --from earliest``
+    into latest."""
     return {
         "bootstrap.servers": s.bootstrap_servers,
         "log.connection.close": False,
         "logger": CLIENT_LOGGER,
-        **(tool or {}),
         **s.client_config(),
+        **(tool or {}),
     }
 
 

@@ -36,8 +36,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from sorter.errors import ConfigError
 from sorter.logs import get_logger
-from sorter.stream.contracts import STATION_ID_PATTERN, FrameError, RawFrame, _header, station_from_topic
+from sorter.stream.contracts import STATION_ID_PATTERN, FrameError, RawFrame, header_text, station_from_topic
 
 if TYPE_CHECKING:
     from sorter.stream.accounting import WorkerStats
@@ -80,7 +81,7 @@ def dead_letter_station(raw: RawFrame, topic_prefix: str) -> str | None:
     header = None
     if raw.header_error is None:
         with contextlib.suppress(FrameError):  # not UTF-8
-            header = _header(raw.headers, "station-id")
+            header = header_text(raw.headers, "station-id")
     if header is not None and STATION_ID_PATTERN.match(header):
         return header
     return station_from_topic(raw.source.topic, topic_prefix)
@@ -302,6 +303,13 @@ def liveness(worker: WorkerView, timeout_s: float) -> list[str]:
     return [f"no progress for {stalled:.1f} s (limit {timeout_s} s)"] if stalled > timeout_s else []
 
 
+def port_taken(host: str, port: int, exc: OSError) -> ConfigError:
+    return ConfigError(
+        f"port {port} on {host} for /metrics and the probes is taken ({exc.strerror}): pass "
+        "--metrics-port (0 picks a free one) or set SORTER_OBSERVE__PORT"
+    )
+
+
 class ObservabilityServer:
     """``/metrics``, ``/livez``, ``/readyz`` on ``host:port`` in a daemon thread."""
 
@@ -335,7 +343,10 @@ class ObservabilityServer:
             def log_message(self, *args) -> None:  # probes every few seconds: not news
                 pass
 
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        try:
+            self.httpd = ThreadingHTTPServer((host, port), Handler)
+        except OSError as exc:  # taken since start-up checked it: still one line, not a traceback
+            raise port_taken(host, port, exc) from None
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="observe", daemon=True)
 

@@ -484,10 +484,18 @@ class Worker:
         # frame and every rebalance event: a cooperative handover can take several seconds between its
         # phases, and exiting in between would leave the partitions being handed over to nobody.
         idle_since = None
+        subscribed_at = time.monotonic()
+        join_limit_s = None if idle_exit_s is None else idle_exit_s + k.session_timeout_ms / 1000
         try:
             while not self.stop_event.is_set():
                 handled = self.process_once()
                 now = time.monotonic()
+                if self._joined_at is None and join_limit_s is not None and now - subscribed_at > join_limit_s:
+                    raise NoPartitions(
+                        f"group {k.group_id!r} never assigned this worker anything (not even an empty assignment) "
+                        f"in {join_limit_s:g} s (--idle-exit plus one session timeout): check the broker's group "
+                        "coordinator and that this client may join the group (group ACL)"
+                    )
                 if handled or idle_since is None:
                     idle_since = now if (handled or self._joined_at is not None) else None
                 elif self._group_changed_at is not None and self._group_changed_at > idle_since:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import threading
 from pathlib import Path
 from typing import Annotated
@@ -12,16 +11,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from sorter.cli_options import BootstrapOpt, BrokerWaitOpt, ConfigOpt, JsonOpt, example, print_json
 from sorter.errors import SorterError
 
 err_console = Console(stderr=True)
-
-ConfigOpt = Annotated[
-    Path | None, typer.Option(help="YAML settings file: broker address and client (SASL/TLS) settings")
-]
-BootstrapOpt = Annotated[str | None, typer.Option(help="Kafka bootstrap servers (default: settings)")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object as the last line", metavar="")]
-BrokerWaitOpt = Annotated[float, typer.Option(help="seconds to wait for the broker before giving up")]
 
 
 def _kafka(config: Path | None, bootstrap: str | None, broker_wait: float):
@@ -109,7 +102,16 @@ def replay(
     )
     reader = Reader.open(recording)
     if direct:
-        summary = _replay_direct(reader, plan, checkpoint, routes, out, config, allow_damaged)
+        from sorter.settings import load_settings
+        from sorter.traffic.replay import replay_direct_to
+
+        overrides = {"model": {"checkpoint": checkpoint} if checkpoint else None, "routes": routes}
+        settings = load_settings(config, redis={"enabled": False}, **overrides)
+        summary = replay_direct_to(out, reader, settings, plan, allow_damaged=allow_damaged)
+        err_console.print(
+            f"{summary['frames']} frames -> {summary['commands']} commands, {summary['dead_letters']} dead letters, "
+            f"{summary['cache_hits']} repeats" + (f"; commands in {out}" if out else "")
+        )
     else:
         from sorter.traffic.replay import replay_to_kafka
 
@@ -125,47 +127,7 @@ def replay(
             f"p50 {summary['lag_p50_ms']} ms, p99 {summary['lag_p99_ms']} ms, max {summary['lag_max_ms']} ms"
         )
     if as_json:
-        sys.stdout.write(json.dumps(summary) + "\n")
-
-
-def _replay_direct(reader, plan, checkpoint, routes, out, config, allow_damaged) -> dict:
-    from sorter.settings import load_settings
-    from sorter.stream.app import build_pipeline
-    from sorter.stream.cache import MemoryCache
-    from sorter.traffic.replay import replay_direct
-
-    overrides = {"model": {"checkpoint": checkpoint} if checkpoint else None, "routes": routes}
-    settings = load_settings(config, redis={"enabled": False}, **overrides)
-    pipeline = build_pipeline(settings)
-    pipeline.cache = MemoryCache()
-    commands = dead = hits = frames = 0
-    sink = out.open("w") if out else None
-    try:
-        for result in replay_direct(
-            reader, pipeline, plan, batch_size=settings.batch.max_size, allow_damaged=allow_damaged
-        ):
-            frames += result.frames
-            commands += len(result.commands)
-            dead += len(result.dead_letters)
-            hits += result.cache_hits
-            if sink:
-                for c in result.commands:
-                    sink.write(c.model_dump_json() + "\n")
-    finally:
-        if sink:
-            sink.close()
-        pipeline.decoder.close()
-    err_console.print(
-        f"{frames} frames -> {commands} commands, {dead} dead letters, {hits} repeats"
-        + (f"; commands in {out}" if out else "")
-    )
-    return {
-        "frames": frames,
-        "commands": commands,
-        "dead_letters": dead,
-        "cache_hits": hits,
-        "model_version": pipeline.model.model_version,
-    }
+        print_json(summary)
 
 
 def _frames_range(text: str) -> tuple[int, int]:
@@ -262,7 +224,7 @@ def inspect(
     if extract is not None:
         console.print(f"frames written under {extract}")
     if as_json:
-        sys.stdout.write(json.dumps(s) + "\n")
+        print_json(s)
     if s["damage"]:
         if not allow_damaged:
             raise SorterError(s["damage"])
@@ -308,7 +270,7 @@ def diff(
             )
         console.print(table)
     if as_json:
-        sys.stdout.write(json.dumps(s) + "\n")
+        print_json(s)
     if fail_under is not None and d.chute_agreement < fail_under:
         why = f"chute agreement {100 * d.chute_agreement:.2f}% is below --fail-under {100 * fail_under:.2f}%"
         err_console.print(why, soft_wrap=True)
@@ -325,5 +287,5 @@ EXAMPLES = {
 
 
 def register(app: typer.Typer, panel: str) -> None:
-    for fn, example in EXAMPLES.items():
-        app.command(fn.__name__, rich_help_panel=panel, epilog=f"Example: [bold]{example}[/]")(fn)
+    for fn, command in EXAMPLES.items():
+        app.command(fn.__name__, rich_help_panel=panel, epilog=example(command))(fn)

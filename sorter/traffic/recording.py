@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from sorter.errors import SorterError
-from sorter.stream.contracts import station_from_topic
+from sorter.stream.contracts import FrameError, RawFrame, Source, header_text, station_from_topic
 
 MAGIC = b"\x89SREC\r\n\x1a"
 VERSION = 1
@@ -75,10 +75,17 @@ class Record:
     recorded_at_ms: int = 0
 
     def header(self, name: str) -> str | None:
-        for k, v in self.headers:
-            if k == name and v is not None:
-                return v.decode("utf-8", "replace")
-        return None
+        """Header ``name`` as the worker reads it (last value, trimmed); None where the worker would find
+        none, or would dead-letter the frame for it (not UTF-8)."""
+        try:
+            return header_text(self.headers, name)
+        except FrameError:
+            return None
+
+    def to_raw(self, topic: str | None = None) -> RawFrame:
+        """The frame the worker would have read (``topic``: where a replay sends it)."""
+        source = Source(topic or self.topic, self.partition, self.offset)
+        return RawFrame(source, self.key, self.value, self.headers, self.timestamp_ms)
 
     def station(self, frames_prefix: str = "frames.") -> str | None:
         """The station-id header, else the station named by the topic (``frames.<station>``), as the worker does."""

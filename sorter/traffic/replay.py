@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 from confluent_kafka import Producer
@@ -21,8 +22,8 @@ from confluent_kafka import Producer
 from sorter.errors import SorterError
 from sorter.logs import get_logger
 from sorter.progress import make_progress
-from sorter.settings import KafkaSettings
-from sorter.stream.contracts import RawFrame, Source
+from sorter.settings import KafkaSettings, Settings
+from sorter.stream.contracts import RawFrame
 from sorter.stream.pipeline import BatchResult, Pipeline, now_ms
 from sorter.traffic.recording import Reader, Record, RecordingDamaged
 
@@ -227,9 +228,39 @@ def replay_direct(
     for _, loop, r in scheduled(reader, replace(plan, speed=None), info, allow_damaged=allow_damaged):
         topic = plan.topic(r.topic)
         out = _renamed(r, loop, topic, now_ms() if plan.restamp else None)
-        batch.append(RawFrame(Source(topic, r.partition, r.offset), out.key, out.value, out.headers, r.timestamp_ms))
+        batch.append(out.to_raw())
         if len(batch) >= batch_size:
             yield run(batch)
             batch = []
     if batch:
         yield run(batch)
+
+
+def replay_direct_to(
+    out: Path | None, reader: Reader, settings: Settings, plan: ReplayPlan, *, allow_damaged: bool = False
+) -> dict:
+    """``replay --direct``: the recording through the pipeline ``settings`` describe (its model, routing
+    table and batch size; an in-memory cache for Redis), the commands as JSON lines into ``out`` (when
+    given, for ``sorter diff``). Returns the counts."""
+    from sorter.stream.app import build_pipeline
+    from sorter.stream.cache import MemoryCache
+
+    pipeline = build_pipeline(settings)
+    pipeline.cache = MemoryCache()
+    counts = {"frames": 0, "commands": 0, "dead_letters": 0, "cache_hits": 0}
+    sink = out.open("w") if out else None
+    try:
+        for result in replay_direct(
+            reader, pipeline, plan, batch_size=settings.batch.max_size, allow_damaged=allow_damaged
+        ):
+            counts["frames"] += result.frames
+            counts["commands"] += len(result.commands)
+            counts["dead_letters"] += len(result.dead_letters)
+            counts["cache_hits"] += result.cache_hits
+            if sink:
+                sink.writelines(c.model_dump_json() + "\n" for c in result.commands)
+    finally:
+        if sink:
+            sink.close()
+        pipeline.decoder.close()
+    return counts | {"model_version": pipeline.model.model_version}
