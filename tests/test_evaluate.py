@@ -58,3 +58,14 @@ def test_risk_coverage_suggests_the_lowest_threshold_meeting_the_target_error():
     assert s["threshold"] == pytest.approx(0.56, abs=0.006) and s["review_share"] == pytest.approx(0.2)
     first = rc["curve"][0]
     assert first["review_share"] == 0 and first["routed_error"] == pytest.approx(0.2)
+
+
+def test_pictures_go_into_folders_that_do_not_exist_yet(tmp_path):
+    """`evaluate --confusion reports/m.png`, `explain --out out/why.png`: a path is never a traceback."""
+    import numpy as np
+
+    from sorter.train.plots import plot_confusion
+
+    out = tmp_path / "reports" / "2026" / "m.confusion.png"
+    plot_confusion(np.array([[3, 1], [0, 4]]), ["a", "b"], out, title="t")
+    assert out.stat().st_size > 0

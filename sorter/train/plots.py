@@ -13,6 +13,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 
+def _save(fig, out: Path) -> None:
+    """Write a figure, making its folder (``--confusion reports/m.png``): an output path is never an error."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def plot_training_curves(history: Sequence[dict[str, Any]], out: Path) -> None:
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
@@ -30,8 +37,7 @@ def plot_training_curves(history: Sequence[dict[str, Any]], out: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(fig, out)
 
 
 def plot_risk_coverage(rc: dict, out: Path, title: str = "") -> None:
@@ -41,8 +47,10 @@ def plot_risk_coverage(rc: dict, out: Path, title: str = "") -> None:
     error = [100 * c["routed_error"] for c in curve]
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     ax.plot(review, error, "-", color="#1f77b4")
-    for c in curve[::10]:
-        ax.annotate(f"{c['threshold']:.1f}", (100 * c["review_share"], 100 * c["routed_error"]), fontsize=7)
+    marks = {0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99}
+    for c in curve:
+        if round(c["threshold"], 4) in marks:
+            ax.annotate(f"{c['threshold']:.2f}", (100 * c["review_share"], 100 * c["routed_error"]), fontsize=7)
     target = 100 * rc["target_error"]
     ax.axhline(target, color="grey", linestyle=":", label=f"target error {target:.1f}%")
     if rc["suggested_min_confidence"]:
@@ -55,8 +63,7 @@ def plot_risk_coverage(rc: dict, out: Path, title: str = "") -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(fig, out)
 
 
 def plot_confusion(cm: np.ndarray, classes: Sequence[str], out: Path, title: str = "") -> None:
@@ -86,8 +93,7 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], out: Path, title: str
     fig.colorbar(im, ax=ax, fraction=0.046, label="share of the true class")
     ax.set_title(title or "confusion matrix")
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(fig, out)
 
 
 def plot_attention(
@@ -122,5 +128,4 @@ def plot_attention(
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(fig, out)
