@@ -120,13 +120,8 @@ class LiveView:
         self.consumer = Consumer(
             tool_config(
                 kafka,
-                {
-                    "group.id": "sorter-demo-view",
-                    "auto.offset.reset": "earliest",
-                    "enable.auto.commit": False,
-                    "session.timeout.ms": 6000,
-                    "fetch.wait.max.ms": 20,
-                },
+                {"session.timeout.ms": 6000, "fetch.wait.max.ms": 20},
+                required={"group.id": "sorter-demo-view", "auto.offset.reset": "earliest", "enable.auto.commit": False},
             )
         )
         self.consumer.subscribe([kafka.commands_topic, kafka.dlq_topic])

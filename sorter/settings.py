@@ -29,11 +29,17 @@ from sorter.limits import default_decode_threads
 # folder, and the test suite's own services.
 OTHER_VARIABLES = {"SORTER_CONFIG", "SORTER_FAILPOINTS", "SORTER_CACHE"}
 OTHER_PREFIXES = ("SORTER_TEST_", "SORTER_KAFKA__CLIENT__")
-# Kubernetes service links: a Service named sorter-<x> in the namespace gives every pod SORTER_<X>_SERVICE_HOST,
-# SORTER_<X>_PORT_9400_TCP and the like (deploy/ turns them off, but other manifests may not)
+# Kubernetes service links: a Service named sorter or sorter-<x> in the namespace gives every pod
+# SORTER[_<X>]_SERVICE_HOST, ..._PORT, ..._PORT_9400_TCP and the like (deploy/ turns them off, but other
+# manifests may not). Only names whose ..._SERVICE_HOST is set count: SORTER_OBSERVE_PORT alone is a typo.
 SERVICE_LINK = re.compile(
-    r"^SORTER_[A-Z0-9_]+_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_\d+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?)?)$"
+    r"^(SORTER(?:_[A-Z0-9_]+?)?)_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_\d+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?)?)$"
 )
+
+
+def _service_link(name: str, environ_upper: set[str]) -> bool:
+    m = SERVICE_LINK.match(name)
+    return m is not None and f"{m.group(1)}_SERVICE_HOST" in environ_upper
 
 
 class Section(BaseModel):
@@ -210,16 +216,17 @@ def warn_unknown_variables(environ: dict[str, str] | None = None) -> list[str]:
     environ = os.environ if environ is None else environ
     known = known_variables()
     sections = {f"SORTER_{f}".upper() for f, i in Settings.model_fields.items() if _is_section(i.annotation)}
+    upper = {k.upper() for k in environ}
     unknown = [  # compared in upper case: pydantic-settings reads the variables case-insensitively
         k
         for k in environ
         if k.upper().startswith("SORTER_")
         and k.upper() not in known | OTHER_VARIABLES | sections  # SORTER_KAFKA='{...}' sets a whole section
         and not k.upper().startswith(OTHER_PREFIXES)
-        and not SERVICE_LINK.match(k.upper())
+        and not _service_link(k.upper(), upper)
     ]
     for name in sorted(unknown):
-        close = difflib.get_close_matches(name, sorted(known | OTHER_VARIABLES), n=1, cutoff=0.8)
+        close = difflib.get_close_matches(name.upper(), sorted(known | OTHER_VARIABLES), n=1, cutoff=0.8)
         get_logger("sorter.settings").warning(
             "settings.unknown_variable", variable=name, did_you_mean=close[0] if close else None
         )

@@ -245,6 +245,11 @@ class FakeConsumer:
         self.assigned = [tp for tp in self.assigned if tp not in gone]
         self.paused -= gone
 
+    def list_topics(self, topic=None, timeout: float = -1):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(topics={t: SimpleNamespace(topic=t) for t in self.cluster.topics})
+
     def assignment(self) -> list[TopicPartition]:
         return [TopicPartition(t, p) for t, p in self.assigned]
 

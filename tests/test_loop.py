@@ -654,8 +654,21 @@ def test_idle_exit_when_the_group_never_answers_is_an_error_not_a_hang():
     from sorter.errors import SorterError
 
     cluster = FakeCluster()
-    w = new_worker(cluster, settings(kafka={"session_timeout_ms": 1000}))
+    cluster.create(TOPIC)  # the pattern matches a topic: the group is what did not answer
+    w = new_worker(cluster, settings(kafka={"session_timeout_ms": 1000, "metadata_refresh_ms": 100}))
     started = time.monotonic()
-    with pytest.raises(SorterError, match=r"never assigned.*group"):
+    with pytest.raises(SorterError, match=r"group 'sorter' assigned this worker nothing.*group ACL"):
         w.run(idle_exit_s=0.2)
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 10
+    assert w.consumer.closed  # the clients are closed on the way out
+
+
+def test_idle_exit_when_no_topic_matches_the_pattern_says_so():
+    """librdkafka joins only once the pattern matches a topic: the usual cause, named as such."""
+    from sorter.errors import SorterError
+
+    cluster = FakeCluster()
+    cluster.create("cameras.dock-1")  # not frames.*
+    w = new_worker(cluster, settings(kafka={"session_timeout_ms": 1000, "metadata_refresh_ms": 100}))
+    with pytest.raises(SorterError, match=r"no topic matches SORTER_KAFKA__FRAMES_PATTERN"):
+        w.run(idle_exit_s=0.2)

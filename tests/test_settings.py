@@ -111,9 +111,13 @@ def test_variables_something_else_reads_are_not_warned_about():
         "SORTER_METRICS_PORT_9400_TCP_ADDR": "10.0.0.1",
         "SORTER_KAFKA": '{"group_id": "g2"}',
         "sorter_kafka__group_id": "g3",
+        "SORTER_SERVICE_HOST": "10.0.0.2",  # a Service named just sorter
+        "SORTER_PORT": "tcp://10.0.0.2:9400",
+        "SORTER_PORT_9400_TCP": "tcp://10.0.0.2:9400",
         "SORTER_REDIS__URLL": "redis://r:6379/0",
+        "SORTER_OBSERVE_PORT": "9500",  # one underscore: a typo, not a service link (no SORTER_OBSERVE_SERVICE_HOST)
     }
-    assert warn_unknown_variables(environ) == ["SORTER_REDIS__URLL"]
+    assert sorted(warn_unknown_variables(environ)) == ["SORTER_OBSERVE_PORT", "SORTER_REDIS__URLL"]
 
 
 @pytest.mark.parametrize("url", ["http://redis:6379/0", "not a url"])

@@ -209,3 +209,17 @@ def test_tools_read_headers_as_the_worker_does():
     assert r.station() == frame.station_id and r.header("item-id") == frame.item_id
     assert replace(r, headers=(("camera-id", b"\xff"),)).header("camera-id") is None
     assert ReplayPlan(stations=frozenset({"dock-2"})).station(r) == "dock-2"
+
+
+def test_loop_suffixes_go_on_the_id_the_worker_reads():
+    """A padded id keeps routing on every loop (trimmed, then suffixed); a blank one stays blank."""
+    from sorter.stream.contracts import parse_frame
+    from sorter.traffic.replay import _renamed
+
+    padded = Record(
+        "frames.dock-1", 0, 0, 1, b" a-1 ", (("item-id", b" a-1 "), ("captured-at", b"1795700000000")), b"x"
+    )
+    again = _renamed(padded, 1, "frames.dock-1", None)
+    assert parse_frame(again.to_raw()).item_id == "a-1:r2" and again.key == b"a-1:r2"
+    blank = Record("frames.dock-1", 0, 1, 1, None, (("item-id", b" "),), b"x")
+    assert _renamed(blank, 1, "frames.dock-1", None).headers == (("item-id", b" "),)

@@ -144,9 +144,12 @@ def read_checkpoint(path: Path) -> tuple[ModelMeta, dict[str, torch.Tensor]]:
     return meta, state
 
 
-def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[AttentionClassifier, ModelMeta]:
-    """A verified checkpoint -> an ``eval()`` model on ``device`` and its metadata."""
-    meta, state = read_checkpoint(path)
+def load_checkpoint(
+    path: Path, device: torch.device | str = "cpu", read: tuple[ModelMeta, dict[str, torch.Tensor]] | None = None
+) -> tuple[AttentionClassifier, ModelMeta]:
+    """A verified checkpoint -> an ``eval()`` model on ``device`` and its metadata (``read``: what
+    :func:`read_checkpoint` returned for ``path`` already, so the file is read and verified once)."""
+    meta, state = read if read is not None else read_checkpoint(path)
     model, _ = build_classifier(
         meta.backbone, meta.num_classes, pretrained=False, attention=meta.attention, pool=meta.pool
     )

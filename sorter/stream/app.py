@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from sorter.errors import ConfigError
 from sorter.limits import check_memory
 from sorter.logs import bound_context, get_logger
@@ -43,26 +45,43 @@ def _required_files(settings: Settings) -> None:
         )
 
 
-def preflight(settings: Settings) -> RoutingTable:
+@dataclass(frozen=True)
+class Checked:
+    """What :func:`preflight` read: the routing table and the checkpoint (verified), used as they are."""
+
+    routes: RoutingTable
+    checkpoint: tuple  # (ModelMeta, state dict): the model is built from these bytes, not from a second read
+
+
+def preflight(settings: Settings) -> Checked:
     """What can be wrong without loading the model or reaching the broker, checked first (loading takes
     seconds, minutes with compile; the broker wait up to startup_timeout_s): the files, the routing table,
-    the checkpoint (read and verified, not built), the routes against its labels and SKUs, the device."""
+    the checkpoint (read and verified, not built), the routes against its labels and SKUs, the device.
+    The model is later built from the checkpoint read here: a file replaced meanwhile is not served
+    with routes that were never checked against it."""
     _required_files(settings)
     routes = load_routing_table(settings.routes)
-    meta, _ = read_checkpoint(settings.model.checkpoint)
+    meta, state = read_checkpoint(settings.model.checkpoint)
     check_routes(routes, meta.classes, meta.skus, strict=settings.strict_routes)
     make_runtime(settings.model.device, settings.model.precision)
-    return routes
+    return Checked(routes, (meta, state))
 
 
-def build_pipeline(settings: Settings, routes: RoutingTable | None = None) -> Pipeline:
+def build_pipeline(settings: Settings, checked: Checked | None = None) -> Pipeline:
     """Everything that can be wrong in the configuration fails here, at start-up, with a message
-    (``routes``: what :func:`preflight` returned, when the caller ran it already)."""
-    routes = routes if routes is not None else preflight(settings)
+    (``checked``: what :func:`preflight` returned, when the caller ran it already)."""
+    checked = checked if checked is not None else preflight(settings)
+    routes = checked.routes
     m = settings.model
     model = Classifier(
-        m.checkpoint, device=m.device, precision=m.precision, compile=m.compile, max_batch=settings.batch.max_size
+        m.checkpoint,
+        device=m.device,
+        precision=m.precision,
+        compile=m.compile,
+        max_batch=settings.batch.max_size,
+        read=checked.checkpoint,
     )
+    del checked  # the state dict now lives in the model
     log.info(
         "model.loaded",
         model_version=model.model_version,
@@ -114,9 +133,10 @@ def _check_port(settings: Settings) -> None:
 def _build_worker(settings: Settings, *, create_topics: bool = True, **kwargs) -> Worker:
     # what can be checked without the model first: loading it takes seconds (minutes with --compile)
     _check_port(settings)
-    routes = preflight(settings)
+    checked = preflight(settings)
     wait_for_broker(settings.kafka, settings.kafka.startup_timeout_s)
-    pipeline = build_pipeline(settings, routes)
+    pipeline = build_pipeline(settings, checked)
+    del checked
     memory = check_memory(settings)  # with the model loaded: what is left must hold the frames in flight
     log.info("worker.limits", decode_threads=settings.batch.decode_threads, **memory)
     if create_topics:

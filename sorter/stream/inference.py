@@ -48,9 +48,10 @@ class Classifier:
         precision: str = "auto",
         compile: bool = False,
         max_batch: int = 32,
+        read: tuple | None = None,
     ) -> None:
         self.runtime = make_runtime(device, precision)
-        self.model, self.meta = load_checkpoint(checkpoint, self.runtime.device)
+        self.model, self.meta = load_checkpoint(checkpoint, self.runtime.device, read)
         if self.runtime.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.normalizer = Normalizer(

@@ -74,19 +74,22 @@ def _client_logger() -> logging.Logger:
 CLIENT_LOGGER = _client_logger()  # in every config below: one rate limit per process, kept per client name
 
 
-def tool_config(s: KafkaSettings, tool: dict[str, object] | None = None) -> dict[str, object]:
+def tool_config(
+    s: KafkaSettings, defaults: dict[str, object] | None = None, *, required: dict[str, object] | None = None
+) -> dict[str, object]:
     """Every other client sorter makes (demo view, record, replay, simulate, bench), from the same settings
     as the worker's: the user's client settings (SASL, TLS, timeouts) apply, and librdkafka's lines go
-    through the same rate-limited JSON events, never raw to stderr. What the tool sets on purpose
-    (``tool``: its group, where it starts reading, idempotence) wins over the user's client settings, which
-    are tuned for the worker: ``auto.offset.reset=latest`` there must not turn ``record --from earliest``
-    into latest."""
+    through the same rate-limited JSON events, never raw to stderr. The tool's ``defaults`` (linger,
+    idempotence, timeouts) give way to the user's client settings, as the worker's do; what it
+    ``required`` (its own consumer group, where it starts reading, no auto-commit) does not:
+    ``auto.offset.reset=latest`` tuned for the worker must not turn ``record --from earliest`` into latest."""
     return {
         "bootstrap.servers": s.bootstrap_servers,
         "log.connection.close": False,
         "logger": CLIENT_LOGGER,
+        **(defaults or {}),
         **s.client_config(),
-        **(tool or {}),
+        **(required or {}),
     }
 
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextvars
 import os
 import queue
+import re
 import signal
 import threading
 import time
@@ -477,25 +478,25 @@ class Worker:
             [k.frames_pattern], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
         log.info("worker.started", pattern=k.frames_pattern, group_id=k.group_id, assignment=k.assignment_strategy)
-        o = self.settings.observe
-        if o.enabled and self.server is None:
-            self.server = ObservabilityServer(self, o.host, o.port, o.liveness_timeout_s).start()
         # The idle clock starts when the group has answered (the first assignment) and starts again at every
         # frame and every rebalance event: a cooperative handover can take several seconds between its
         # phases, and exiting in between would leave the partitions being handed over to nobody.
         idle_since = None
         subscribed_at = time.monotonic()
-        join_limit_s = None if idle_exit_s is None else idle_exit_s + k.session_timeout_ms / 1000
+        # a join can wait for a previous member's session to expire, the broker's initial rebalance delay
+        # and a metadata refresh (librdkafka joins only once the pattern matches a topic)
+        join_limit_s = None
+        if idle_exit_s is not None:
+            join_limit_s = idle_exit_s + (k.session_timeout_ms + k.metadata_refresh_ms) / 1000 + 3.0
         try:
+            o = self.settings.observe
+            if o.enabled and self.server is None:  # in the try: a port taken now still closes the clients
+                self.server = ObservabilityServer(self, o.host, o.port, o.liveness_timeout_s).start()
             while not self.stop_event.is_set():
                 handled = self.process_once()
                 now = time.monotonic()
                 if self._joined_at is None and join_limit_s is not None and now - subscribed_at > join_limit_s:
-                    raise NoPartitions(
-                        f"group {k.group_id!r} never assigned this worker anything (not even an empty assignment) "
-                        f"in {join_limit_s:g} s (--idle-exit plus one session timeout): check the broker's group "
-                        "coordinator and that this client may join the group (group ACL)"
-                    )
+                    raise NoPartitions(self._never_joined(join_limit_s))
                 if handled or idle_since is None:
                     idle_since = now if (handled or self._joined_at is not None) else None
                 elif self._group_changed_at is not None and self._group_changed_at > idle_since:
@@ -516,6 +517,24 @@ class Worker:
             finally:
                 self.close()
         return self.stats
+
+    def _never_joined(self, waited_s: float) -> str:
+        k = self.settings.kafka
+        why = "check the broker's group coordinator and that this client may join the group (group ACL)"
+        try:
+            pattern = re.compile(k.frames_pattern)
+            topics = self.consumer.list_topics(timeout=5).topics
+            if not any(pattern.search(t) for t in topics if t not in self.own_topics):
+                why = (
+                    f"no topic matches SORTER_KAFKA__FRAMES_PATTERN ({k.frames_pattern}) on the broker (it has "
+                    f"{len(topics)} topics): start the cameras or `sorter simulate` first, or fix the pattern"
+                )
+        except Exception:
+            pass
+        return (
+            f"group {k.group_id!r} assigned this worker nothing (not even an empty assignment) in {waited_s:g} s "
+            f"(--idle-exit plus a session timeout, a metadata refresh and 3 s): {why}"
+        )
 
     def close(self) -> None:
         left = self.stop_event.left()

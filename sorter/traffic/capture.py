@@ -50,13 +50,11 @@ def capture(
     consumer = Consumer(
         tool_config(
             kafka,
-            {
+            {"fetch.wait.max.ms": 50, "session.timeout.ms": 6000, "topic.metadata.refresh.interval.ms": 2000},
+            required={  # a throw-away group that never commits, reading from where --from says
                 "group.id": f"sorter-record-{uuid.uuid4().hex[:12]}",
                 "enable.auto.commit": False,
                 "auto.offset.reset": start,
-                "fetch.wait.max.ms": 50,
-                "session.timeout.ms": 6000,
-                "topic.metadata.refresh.interval.ms": 2000,
             },
         )
     )

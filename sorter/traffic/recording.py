@@ -83,7 +83,8 @@ class Record:
             return None
 
     def to_raw(self, topic: str | None = None) -> RawFrame:
-        """The frame the worker would have read (``topic``: where a replay sends it)."""
+        """The frame the worker would have read (``topic``: where a replay sends it). A frame whose headers
+        the client could not read was recorded without them: it reads here as a frame with no headers."""
         source = Source(topic or self.topic, self.partition, self.offset)
         return RawFrame(source, self.key, self.value, self.headers, self.timestamp_ms)
 

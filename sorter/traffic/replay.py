@@ -88,10 +88,10 @@ def survey(reader: Reader) -> Survey:
 def _renamed(record: Record, loop: int, topic: str, restamp_ms: int | None) -> Record:
     headers = record.headers
     key = record.key
-    if loop > 0:
+    if loop > 0:  # the id as the worker reads it (trimmed), suffixed; a blank one stays blank (dead letter)
         suffix = f":r{loop + 1}".encode()
-        key = key + suffix if key else key
-        headers = tuple((k, v + suffix if k == "item-id" and v else v) for k, v in headers)
+        key = key.strip() + suffix if key and key.strip() else key
+        headers = tuple((k, v.strip() + suffix if k == "item-id" and v and v.strip() else v) for k, v in headers)
     if restamp_ms is not None:
         headers = tuple((k, str(restamp_ms).encode() if k == "captured-at" else v) for k, v in headers)
         if not any(k == "captured-at" for k, _ in headers):
