@@ -61,3 +61,12 @@ def test_short_training_run_beats_chance_and_writes_its_reports(synth_tree, tmp_
     assert [h["epoch"] for h in report["history"]] == list(range(1, len(report["history"]) + 1))
     assert {h["phase"] for h in report["history"]} == {1, 2}
     assert (tmp_path / "model.curves.png").stat().st_size > 10_000
+
+
+def test_batch_norm_keeps_imagenet_statistics_only_when_there_are_some():
+    """From ImageNet weights the statistics are kept while fine-tuning (no phase-2 collapse); from random
+    weights they must adapt: frozen at their initial values they leave the network unnormalised."""
+    from sorter.train.trainer import TrainConfig
+
+    assert TrainConfig().bn_frozen and not TrainConfig(pretrained=False).bn_frozen
+    assert TrainConfig(pretrained=False, bn="frozen").bn_frozen and not TrainConfig(bn="train").bn_frozen

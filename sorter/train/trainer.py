@@ -78,7 +78,10 @@ class TrainConfig:
     # this size) and "none" (which overfits); ImageNet's batch-norm statistics kept while fine-tuning stop
     # phase 2 from collapsing (batches of 32 give noisy statistics); a weight average (EMA) steadies the end.
     augment: str = "light"
-    bn: str = "frozen"  # batch-norm statistics while fine-tuning: "frozen" (ImageNet's) or "train" (adapt)
+    # batch-norm statistics while fine-tuning: "frozen" (ImageNet's), "train" (adapt), or "auto": frozen when
+    # starting from ImageNet weights, trained from random weights (there are no statistics to keep: frozen
+    # at their initial values they leave a deep network unnormalised, and it stays at chance, measured)
+    bn: str = "auto"
     ema: float = 0.995  # weight EMA decay per step (0: off)
     dropout: float = 0.2
     pool: str = "attention"  # A-weighted average: the gate redistributes weight (classifier.py); or "mean"
@@ -89,13 +92,17 @@ class TrainConfig:
 
         for name, value, allowed in (
             ("augment", self.augment, PRESETS),
-            ("bn", self.bn, ("frozen", "train")),
+            ("bn", self.bn, ("auto", "frozen", "train")),
             ("pool", self.pool, ("attention", "mean")),
         ):
             if value not in allowed:
                 raise ConfigError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
         if not 0 <= self.ema < 1:
             raise ConfigError(f"--ema must be in [0, 1), got {self.ema}")
+
+    @property
+    def bn_frozen(self) -> bool:
+        return self.bn == "frozen" or (self.bn == "auto" and self.pretrained)
 
     def phase_epochs(self, train_photos: int = 0) -> tuple[int, int]:
         epochs = self.epochs if self.epochs is not None else auto_epochs(train_photos, self.batch_size)
@@ -263,7 +270,7 @@ class Trainer:
                 task = progress.add_task(
                     f"phase {phase} ({name}) epoch {local_epoch + 1}/{epochs}", total=len(train_loader), info=""
                 )
-                set_train_mode(self.model, backbone_frozen=frozen, bn_frozen=c.bn == "frozen")
+                set_train_mode(self.model, backbone_frozen=frozen, bn_frozen=c.bn_frozen)
                 started = time.perf_counter()
                 loss_sum, correct, seen = 0.0, 0, 0
                 for images, targets in train_loader:
