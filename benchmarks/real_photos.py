@@ -27,6 +27,7 @@ VARIANTS: dict[str, dict] = {
     "no-attention": {"attention": False},
     "mean-pool": {"pool": "mean"},
     "random-init": {"pretrained": False},
+    "random-init-bn-frozen": {"pretrained": False, "bn": "frozen"},  # what "random-init" was before bn "auto"
     "no-ema": {"ema": 0.0},
     "bn-train": {"bn": "train"},
     "augment-none": {"augment": "none"},
