@@ -30,6 +30,18 @@ def by_partition(records) -> dict[int, list[tuple]]:
     return dict(out)
 
 
+def record_all(bootstrap: str, topics: str, path):
+    """What a topic holds, from the start, into a recording (sorter record --from earliest --idle-exit 3)."""
+    return capture(
+        KafkaSettings(bootstrap_servers=bootstrap),
+        topics,
+        Writer(path),
+        start="earliest",
+        idle_exit_s=3,
+        progress=False,
+    )
+
+
 def test_record_then_replay_gives_identical_keys_values_headers_and_partition_order(namespace, bootstrap, tmp_path):
     source, target = f"{namespace}-frames.dock-1", f"{namespace}-copy.dock-1"
 
@@ -46,14 +58,7 @@ def test_record_then_replay_gives_identical_keys_values_headers_and_partition_or
     produce(bootstrap, source, frames)
 
     first = tmp_path / "first.sorterrec"
-    stats = capture(
-        KafkaSettings(bootstrap_servers=bootstrap),
-        f"^{source}$",
-        Writer(first),
-        start="earliest",
-        idle_exit_s=3,
-        progress=False,
-    )
+    stats = record_all(bootstrap, f"^{source}$", first)
     assert stats.records == 120
     report = replay_to_kafka(
         Reader.open(first),
@@ -63,14 +68,7 @@ def test_record_then_replay_gives_identical_keys_values_headers_and_partition_or
     )
     assert report.sent == 120
     second = tmp_path / "second.sorterrec"
-    capture(
-        KafkaSettings(bootstrap_servers=bootstrap),
-        target,
-        Writer(second),
-        start="earliest",
-        idle_exit_s=3,
-        progress=False,
-    )
+    record_all(bootstrap, target, second)
 
     a, b = list(Reader.open(first).records()), list(Reader.open(second).records())
     assert {r.topic for r in b} == {target}
@@ -96,14 +94,7 @@ def test_replay_at_10x_keeps_the_recorded_timing_within_20_ms(namespace, bootstr
 
     # the broker's view: timestamps of the replayed messages keep the scaled gaps
     copy = tmp_path / "copy.sorterrec"
-    capture(
-        KafkaSettings(bootstrap_servers=bootstrap),
-        f"{namespace}-frames.dock-1",
-        Writer(copy),
-        start="earliest",
-        idle_exit_s=3,
-        progress=False,
-    )
+    record_all(bootstrap, f"{namespace}-frames.dock-1", copy)
     sent = np.array([r.timestamp_ms for r in Reader.open(copy).records()])
     assert len(sent) == 80
     drift = (sent - sent[0]) - (t - t[0]) / 10
@@ -132,14 +123,7 @@ def test_simulated_traffic_replayed_through_the_worker_matches_a_direct_replay(
     assert stats.commands + stats.cache_hits >= sim.items_sent  # one command per item, repeats count as hits
 
     commands_rec = tmp_path / "commands.sorterrec"
-    capture(
-        KafkaSettings(bootstrap_servers=bootstrap),
-        settings.kafka.commands_topic,
-        Writer(commands_rec),
-        start="earliest",
-        idle_exit_s=3,
-        progress=False,
-    )
+    record_all(bootstrap, settings.kafka.commands_topic, commands_rec)
     via_broker = {}
     for r in Reader.open(commands_rec).records():
         c = json.loads(r.value)
