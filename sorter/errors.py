@@ -11,8 +11,13 @@ class SorterError(Exception):
     """Root of every error sorter raises on purpose."""
 
 
-class ConfigError(SorterError):
-    """Configuration that cannot work; raised at start-up."""
+class ConfigError(SorterError, ValueError):
+    """Configuration that cannot work (a flag, a setting, an argument); raised before any work starts.
+    Also a ValueError, for callers of the library that validate their own arguments that way."""
+
+
+class ServiceError(SorterError):
+    """A local service sorter starts itself (the demo's broker and Redis) did not come up."""
 
 
 class WeightsError(SorterError):

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sorter.errors import ConfigError
+from sorter.errors import ConfigError, ServiceError
 
 
 def free_port() -> int:
@@ -67,7 +67,7 @@ def wait_for_port(port: int, timeout: float, proc: subprocess.Popen | None = Non
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with code {proc.returncode} before listening on port {port}")
+            raise ServiceError(f"process exited with code {proc.returncode} before listening on port {port}")
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
             return
         time.sleep(0.05)
@@ -93,7 +93,9 @@ class LocalService:
         except Exception as exc:
             self.stop()
             tail = self.log_path.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"{self.name} did not start: {exc}\n{tail}") from exc
+            raise ServiceError(
+                f"{self.name} did not start: {exc}; its last output: {' | '.join(tail.splitlines()[-5:])}"
+            ) from exc
         return self
 
     def stop(self, timeout: float = 10.0) -> None:

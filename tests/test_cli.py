@@ -148,6 +148,15 @@ def test_user_mistakes_are_one_line_and_exit_2(tmp_path):
         "explain", str(tmp_path / "nope.jpg"), "--checkpoint", str(ckpt), "--out", str(tmp_path / "o.png")
     )
     assert "--classes" in _fails_in_one_line("synth", str(tmp_path / "s"), "--classes", "0")
+    assert "rate" in _fails_in_one_line(
+        "simulate", "--rate", "0", "--out", str(tmp_path / "x.sorterrec"), "--duration", "1"
+    )
+    data = tmp_path / "d"
+    _ok(["synth", str(data), "--classes", "2", "--per-class", "2", "--width", "64", "--height", "48"])
+    assert "unknown backbone" in _fails_in_one_line(
+        "train", str(data), "--out", str(tmp_path / "m.pt"), "--backbone", "x"
+    )
+    assert "--epochs" in _fails_in_one_line("train", str(data), "--out", str(tmp_path / "m.pt"), "--epochs", "0")
 
 
 def test_version():

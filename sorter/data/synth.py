@@ -18,6 +18,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from sorter.errors import ConfigError
+
 KINDS = ("box", "bottle", "can", "pouch", "tube", "jar", "bag", "tray")
 COLOURS = {  # RGB, chosen far apart so lighting changes do not carry one into another
     "red": (200, 30, 35),
@@ -50,10 +52,10 @@ def catalog(n: int) -> list[ProductDesign]:
     """The first ``n`` product designs: the same list for every seed. Designs differ in shape first,
     then colour, then pattern, so small catalogs are made of clearly different products."""
     if n < 1:
-        raise ValueError("need at least one class")
+        raise ConfigError("need at least one class")
     combos = list(itertools.product(range(len(PATTERNS)), range(len(COLOURS)), range(len(KINDS))))
     if n > len(combos):
-        raise ValueError(f"at most {len(combos)} classes can be generated")
+        raise ConfigError(f"at most {len(combos)} classes can be generated")
     colours = list(COLOURS)
     designs = []
     for i in range(n):

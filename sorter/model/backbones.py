@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torchvision
 from torch import nn
 
+from sorter.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class BackboneSpec:
@@ -62,4 +64,4 @@ def get_backbone(name: str) -> BackboneSpec:
     try:
         return BACKBONES[name]
     except KeyError:
-        raise ValueError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}") from None
+        raise ConfigError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}") from None

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sorter.errors import ConfigError
 from sorter.model.attention import SpatialAttention
 from sorter.model.backbones import get_backbone
 from sorter.model.weights import WeightsSource, load_trunk_weights, resolve_weights
@@ -39,10 +40,10 @@ class AttentionClassifier(nn.Module):
     ) -> None:
         super().__init__()
         if pool not in ("mean", "attention"):
-            raise ValueError(f"pool must be 'mean' or 'attention', got {pool!r}")
+            raise ConfigError(f"pool must be 'mean' or 'attention', got {pool!r}")
         self.pool = pool
         if num_classes < 2:
-            raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
+            raise ConfigError(f"a classifier needs at least 2 classes, got {num_classes}")
         self.backbone = backbone
         # ``attention=False`` exists for the ablation benchmark (does the head earn its place?).
         self.attention = SpatialAttention(channels) if attention else None

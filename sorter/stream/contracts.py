@@ -25,6 +25,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from sorter.errors import SorterError
+
 COMMAND_SCHEMA_VERSION = 1
 ITEM_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$")
 STATION_ID_PATTERN = CAMERA_ID_PATTERN = ITEM_ID_PATTERN
@@ -35,7 +37,7 @@ MIN_CAPTURED_AT_MS, MAX_CAPTURED_AT_MS = 946_684_800_000, 4_102_444_800_000
 Reason = Literal["classified", "low_confidence", "unknown_sku", "station_override"]
 
 
-class FrameError(Exception):
+class FrameError(SorterError):
     """A frame whose metadata breaks the contract; ``reason`` is a stable, machine-readable code."""
 
     def __init__(self, reason: str, message: str) -> None:

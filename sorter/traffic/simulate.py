@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from sorter.data.synth import ProductDesign, catalog, render
+from sorter.errors import ConfigError
 from sorter.traffic.recording import Record, Writer
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ class Simulator:
         run_id: str | None = None,
     ) -> None:
         if rate <= 0:
-            raise ValueError("rate must be > 0 items per second per station")
+            raise ConfigError("rate must be > 0 items per second per station")
         lo, hi = frames_per_item
         if not 1 <= lo <= hi:
             raise ValueError("frames per item must be a range 1 <= lo <= hi")

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from torchvision.transforms import v2
 
+from sorter.errors import ConfigError
+
 PRESETS = ("none", "light", "belt", "belt-any-angle")
 
 
 def train_transform(size: int, preset: str = "belt") -> v2.Transform:
     if preset not in PRESETS:
-        raise ValueError(f"augmentation preset must be one of {PRESETS}, got {preset!r}")
+        raise ConfigError(f"augmentation preset must be one of {PRESETS}, got {preset!r}")
     if preset == "none":
         return v2.Identity()
     if preset == "light":

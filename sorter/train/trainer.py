@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from sorter.data.folder import DecodedImages, Splits, fingerprint, load_splits, photo_digest, read_skus
+from sorter.errors import ConfigError
 from sorter.logs import get_logger
 from sorter.model.backbones import IMAGENET_MEAN, IMAGENET_STD
 from sorter.model.checkpoint import ModelMeta, save_checkpoint
@@ -99,6 +100,13 @@ class TrainConfig:
                 raise ConfigError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
         if not 0 <= self.ema < 1:
             raise ConfigError(f"--ema must be in [0, 1), got {self.ema}")
+        for name, value in (("epochs", self.epochs), ("head-epochs", self.head_epochs)):
+            if value is not None and value < (1 if name == "epochs" else 0):
+                raise ConfigError(f"--{name} must be at least {1 if name == 'epochs' else 0}, got {value}")
+        if self.image_size < 32 or self.batch_size < 1:
+            raise ConfigError(
+                f"--image-size must be >= 32 and --batch-size >= 1 (got {self.image_size}, {self.batch_size})"
+            )
 
     @property
     def bn_frozen(self) -> bool:
@@ -107,7 +115,7 @@ class TrainConfig:
     def phase_epochs(self, train_photos: int = 0) -> tuple[int, int]:
         epochs = self.epochs if self.epochs is not None else auto_epochs(train_photos, self.batch_size)
         if epochs < 1:
-            raise ValueError("epochs must be at least 1")
+            raise ConfigError("epochs must be at least 1")
         if not self.pretrained:
             head = 0  # a frozen random backbone teaches nothing: train everything from the start
         elif self.head_epochs is not None:
