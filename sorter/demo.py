@@ -115,10 +115,10 @@ class LiveView:
 
         from confluent_kafka import Consumer
 
-        from sorter.stream.kafka import tool_config
+        from sorter.stream.kafka import kafka_config
 
         self.consumer = Consumer(
-            tool_config(
+            kafka_config(
                 kafka,
                 {"session.timeout.ms": 6000, "fetch.wait.max.ms": 20},
                 required={"group.id": "sorter-demo-view", "auto.offset.reset": "earliest", "enable.auto.commit": False},

@@ -192,13 +192,13 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 
 def known_variables() -> set[str]:
-    """Every SORTER_* variable the settings tree reads (nested sections with ``__``)."""
+    """Every SORTER_* variable the settings tree reads: each field, and each key of a section with ``__``
+    (a section's own name takes the whole section as JSON, ``SORTER_KAFKA='{...}'``)."""
     names = set()
     for field, info in Settings.model_fields.items():
+        names.add(f"SORTER_{field}".upper())
         if _is_section(info.annotation):
             names |= {f"SORTER_{field}__{sub}".upper() for sub in info.annotation.model_fields}
-        else:
-            names.add(f"SORTER_{field}".upper())
     return names
 
 
@@ -215,13 +215,12 @@ def warn_unknown_variables(environ: dict[str, str] | None = None) -> list[str]:
 
     environ = os.environ if environ is None else environ
     known = known_variables()
-    sections = {f"SORTER_{f}".upper() for f, i in Settings.model_fields.items() if _is_section(i.annotation)}
     upper = {k.upper() for k in environ}
     unknown = [  # compared in upper case: pydantic-settings reads the variables case-insensitively
         k
         for k in environ
         if k.upper().startswith("SORTER_")
-        and k.upper() not in known | OTHER_VARIABLES | sections  # SORTER_KAFKA='{...}' sets a whole section
+        and k.upper() not in known | OTHER_VARIABLES
         and not k.upper().startswith(OTHER_PREFIXES)
         and not _service_link(k.upper(), upper)
     ]

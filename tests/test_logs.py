@@ -257,7 +257,7 @@ def test_a_later_configure_keeps_the_format_the_flag_chose(restore_logging):
 def test_every_tool_client_is_built_from_the_kafka_settings_with_the_json_logger():
     """record, replay, simulate, bench and the demo view: the user's SASL/TLS settings apply to them, what
     the tool requires wins, its defaults give way, and librdkafka's lines go through the same JSON events."""
-    from sorter.stream.kafka import CLIENT_LOGGER, tool_config
+    from sorter.stream.kafka import CLIENT_LOGGER, kafka_config
 
     s = load_settings(
         kafka={
@@ -265,7 +265,7 @@ def test_every_tool_client_is_built_from_the_kafka_settings_with_the_json_logger
             "client": {"security_protocol": "SASL_SSL", "auto_offset_reset": "latest", "linger_ms": "9"},
         }
     )
-    config = tool_config(s.kafka, {"linger.ms": 5}, required={"auto.offset.reset": "earliest", "group.id": "g"})
+    config = kafka_config(s.kafka, {"linger.ms": 5}, required={"auto.offset.reset": "earliest", "group.id": "g"})
     assert config["bootstrap.servers"] == "b:9092" and config["security.protocol"] == "SASL_SSL"
     assert config["auto.offset.reset"] == "earliest" and config["group.id"] == "g"  # record --from earliest
     assert config["linger.ms"] == "9" and config["logger"] is CLIENT_LOGGER  # a tool default gives way

@@ -18,7 +18,7 @@ import torch
 from sorter.bench.inputs import STATIONS, BenchConfig, Frames, decode_threads_for
 from sorter.progress import make_progress
 from sorter.settings import KafkaSettings
-from sorter.stream.kafka import tool_config
+from sorter.stream.kafka import kafka_config
 
 
 def _headers(item: str, station: str) -> list[tuple[str, bytes]]:
@@ -33,7 +33,7 @@ def _headers(item: str, station: str) -> list[tuple[str, bytes]]:
 def _preload(bootstrap: str, prefix: str, frames: Frames, n: int) -> None:
     from confluent_kafka import Producer
 
-    p = Producer(tool_config(KafkaSettings(bootstrap_servers=bootstrap), {"linger.ms": 5, "batch.num.messages": 200}))
+    p = Producer(kafka_config(KafkaSettings(bootstrap_servers=bootstrap), {"linger.ms": 5, "batch.num.messages": 200}))
     for i in range(n):
         station = STATIONS[i % len(STATIONS)]
         item = f"{prefix}-{i}"
@@ -47,7 +47,7 @@ def _paced_producer(bootstrap: str, prefix: str, photos: list[bytes], rate: floa
     """Runs in its own process: publishes at ``rate`` frames/s with captured-at stamped at send time."""
     from confluent_kafka import Producer
 
-    p = Producer(tool_config(KafkaSettings(bootstrap_servers=bootstrap), {"linger.ms": 0}))
+    p = Producer(kafka_config(KafkaSettings(bootstrap_servers=bootstrap), {"linger.ms": 0}))
     started = time.perf_counter()
     i = 0
     while True:
@@ -245,7 +245,7 @@ def naive(cfg: BenchConfig, frames: Frames, checkpoint: Path, bootstrap: str) ->
     mean = torch.tensor(meta.mean).view(1, 3, 1, 1)
     std = torch.tensor(meta.std).view(1, 3, 1, 1)
     consumer = _reader(bootstrap, f"{prefix}-group")
-    producer = Producer(tool_config(KafkaSettings(bootstrap_servers=bootstrap), {"linger.ms": 0}))
+    producer = Producer(kafka_config(KafkaSettings(bootstrap_servers=bootstrap), {"linger.ms": 0}))
     consumer.subscribe([topic])
     times: list[float] = []
     with make_progress(transient=True) as bar:
@@ -277,7 +277,7 @@ def _reader(bootstrap: str, group: str):
     from confluent_kafka import Consumer
 
     return Consumer(
-        tool_config(
+        kafka_config(
             KafkaSettings(bootstrap_servers=bootstrap),
             {
                 "group.id": group,
@@ -293,7 +293,7 @@ def _reader(bootstrap: str, group: str):
 def _preload_one(bootstrap: str, topic: str, frames: Frames, n: int) -> None:
     from confluent_kafka import Producer
 
-    p = Producer(tool_config(KafkaSettings(bootstrap_servers=bootstrap), {"linger.ms": 5}))
+    p = Producer(kafka_config(KafkaSettings(bootstrap_servers=bootstrap), {"linger.ms": 5}))
     for i in range(n):
         item = f"{topic}-{i}"
         p.produce(topic, frames.item(i), item.encode(), headers=_headers(item, "s1"))
@@ -313,7 +313,7 @@ def broker_only(cfg: BenchConfig, frames: Frames, bootstrap: str) -> dict:
     _preload_one(bootstrap, topic, frames, cfg.frames)
     consumer = _reader(bootstrap, f"{prefix}-group")
     producer = CheckedProducer(
-        tool_config(KafkaSettings(bootstrap_servers=bootstrap), {"linger.ms": 2, "enable.idempotence": True})
+        kafka_config(KafkaSettings(bootstrap_servers=bootstrap), {"linger.ms": 2, "enable.idempotence": True})
     )
     consumer.subscribe([topic])
     done, first = 0, None

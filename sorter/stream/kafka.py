@@ -74,13 +74,14 @@ def _client_logger() -> logging.Logger:
 CLIENT_LOGGER = _client_logger()  # in every config below: one rate limit per process, kept per client name
 
 
-def tool_config(
+def kafka_config(
     s: KafkaSettings, defaults: dict[str, object] | None = None, *, required: dict[str, object] | None = None
 ) -> dict[str, object]:
-    """Every other client sorter makes (demo view, record, replay, simulate, bench), from the same settings
-    as the worker's: the user's client settings (SASL, TLS, timeouts) apply, and librdkafka's lines go
-    through the same rate-limited JSON events, never raw to stderr. The tool's ``defaults`` (linger,
-    idempotence, timeouts) give way to the user's client settings, as the worker's do; what it
+    """Every client sorter makes (the worker's, and the demo view, record, replay, simulate, bench), from the
+    Kafka settings: the user's client settings (SASL, TLS, timeouts) apply, idle-connection closes are not
+    logged (routine, not news), and librdkafka's lines go through the same rate-limited JSON events, never
+    raw to stderr. The client's own ``defaults`` (linger,
+    idempotence, timeouts) give way to the user's client settings; what it
     ``required`` (its own consumer group, where it starts reading, no auto-commit) does not:
     ``auto.offset.reset=latest`` tuned for the worker must not turn ``record --from earliest`` into latest."""
     return {
@@ -94,36 +95,34 @@ def tool_config(
 
 
 def consumer_config(s: KafkaSettings) -> dict[str, object]:
-    return {
-        "bootstrap.servers": s.bootstrap_servers,
-        "group.id": s.group_id,
-        "enable.auto.commit": False,  # offsets are committed by the loop, after delivery
-        "enable.auto.offset.store": False,
-        "auto.offset.reset": "earliest",
-        "session.timeout.ms": s.session_timeout_ms,
-        "max.poll.interval.ms": s.max_poll_interval_ms,
-        "fetch.wait.max.ms": s.fetch_wait_max_ms,
-        "partition.assignment.strategy": s.assignment_strategy,
-        "topic.metadata.refresh.interval.ms": s.metadata_refresh_ms,
-        "log.connection.close": False,  # idle-connection closes are routine, not news
-        "logger": CLIENT_LOGGER,
-        # exactly-once: never read what a rolled-back transaction wrote (frames from transactional cameras)
-        "isolation.level": "read_committed" if s.delivery == "exactly-once" else "read_uncommitted",
-        **s.client_config(),
-    }
+    return kafka_config(
+        s,
+        {
+            "group.id": s.group_id,
+            "enable.auto.commit": False,  # offsets are committed by the loop, after delivery
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            "session.timeout.ms": s.session_timeout_ms,
+            "max.poll.interval.ms": s.max_poll_interval_ms,
+            "fetch.wait.max.ms": s.fetch_wait_max_ms,
+            "partition.assignment.strategy": s.assignment_strategy,
+            "topic.metadata.refresh.interval.ms": s.metadata_refresh_ms,
+            # exactly-once: never read what a rolled-back transaction wrote (frames from transactional cameras)
+            "isolation.level": "read_committed" if s.delivery == "exactly-once" else "read_uncommitted",
+        },
+    )
 
 
 def producer_config(s: KafkaSettings) -> dict[str, object]:
-    return {
-        "bootstrap.servers": s.bootstrap_servers,
-        "enable.idempotence": True,  # no duplicates from the producer's own retries
-        "acks": "all",
-        "linger.ms": 2,
-        "message.timeout.ms": s.message_timeout_ms,
-        "log.connection.close": False,
-        "logger": CLIENT_LOGGER,
-        **s.client_config(),
-    }
+    return kafka_config(
+        s,
+        {
+            "enable.idempotence": True,  # no duplicates from the producer's own retries
+            "acks": "all",
+            "linger.ms": 2,
+            "message.timeout.ms": s.message_timeout_ms,
+        },
+    )
 
 
 def transactional_producer_config(s: KafkaSettings, transactional_id: str) -> dict[str, object]:

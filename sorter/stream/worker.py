@@ -184,8 +184,9 @@ class Worker:
         self._inflight: deque[InFlight] = deque()
         self._failed = threading.Event()  # a batch failed: later batches send nothing
         self._keepalive_paused = False  # a slow batch has the partitions paused: new ones start paused too
-        self._joined_at: float | None = None  # the first assignment (even an empty one): the group answered
-        self._group_changed_at: float | None = None  # the last rebalance event: a handover may be under way
+        # the last rebalance event (None: the group never answered, not even with an empty assignment);
+        # a handover may be under way
+        self._group_changed_at: float | None = None
         self._ever_owned = False
         self._runner = SerialRunner("batch")
         self.failpoints = _failpoints()
@@ -244,8 +245,6 @@ class Worker:
         # own topics are never read; while a slow batch keeps the group alive, new partitions wait with the
         # others (unpaused, every poll of the keep-alive would stash one more frame of theirs, unbounded)
         self._group_changed_at = time.monotonic()
-        if self._joined_at is None:
-            self._joined_at = self._group_changed_at
         held = [p for p in partitions if p.topic in self.own_topics or self._keepalive_paused]
         if held:
             consumer.pause(held)
@@ -495,11 +494,12 @@ class Worker:
             while not self.stop_event.is_set():
                 handled = self.process_once()
                 now = time.monotonic()
-                if self._joined_at is None and join_limit_s is not None and now - subscribed_at > join_limit_s:
+                joined = self._group_changed_at is not None
+                if not joined and join_limit_s is not None and now - subscribed_at > join_limit_s:
                     raise NoPartitions(self._never_joined(join_limit_s))
                 if handled or idle_since is None:
-                    idle_since = now if (handled or self._joined_at is not None) else None
-                elif self._group_changed_at is not None and self._group_changed_at > idle_since:
+                    idle_since = now if (handled or joined) else None
+                elif joined and self._group_changed_at > idle_since:
                     idle_since = self._group_changed_at
                 elif idle_exit_s is not None and now - idle_since > idle_exit_s:
                     if not self._ever_owned:

@@ -18,7 +18,7 @@ from confluent_kafka import Consumer, KafkaError
 from sorter.logs import get_logger
 from sorter.progress import make_progress
 from sorter.settings import KafkaSettings
-from sorter.stream.kafka import to_raw, tool_config
+from sorter.stream.kafka import kafka_config, to_raw
 from sorter.traffic.recording import Record, Writer
 
 log = get_logger("sorter.record")
@@ -48,7 +48,7 @@ def capture(
     stop = stop or threading.Event()
     topics = [pattern] if pattern.startswith("^") else [t.strip() for t in pattern.split(",") if t.strip()]
     consumer = Consumer(
-        tool_config(
+        kafka_config(
             kafka,
             {"fetch.wait.max.ms": 50, "session.timeout.ms": 6000, "topic.metadata.refresh.interval.ms": 2000},
             required={  # a throw-away group that never commits, reading from where --from says

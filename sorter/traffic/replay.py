@@ -159,7 +159,7 @@ def replay_to_kafka(
 ) -> ReplayReport:
     """Publish the recording with its keys and headers; returns the rate and the lag behind schedule."""
     from sorter.stream.delivery import CheckedProducer
-    from sorter.stream.kafka import ensure_topics, tool_config
+    from sorter.stream.kafka import ensure_topics, kafka_config
 
     info = survey(reader)
     _check(info, allow_damaged)
@@ -168,8 +168,8 @@ def replay_to_kafka(
         wanted[plan.topic(topic)] = max(wanted.get(plan.topic(topic), 0), n)
     if create_topics and wanted:
         ensure_topics(kafka, wanted)  # with the client settings (SASL, TLS) like every other call
-    producer = CheckedProducer(tool_config(kafka, {"linger.ms": 1, "enable.idempotence": True}))
-    partitions = _partition_counts(Producer(tool_config(kafka)), wanted)
+    producer = CheckedProducer(kafka_config(kafka, {"linger.ms": 1, "enable.idempotence": True}))
+    partitions = _partition_counts(Producer(kafka_config(kafka)), wanted)
     report = ReplayReport()
     total = info.records * plan.loops
     log.info("replay.started", records=info.records, loops=plan.loops, speed=plan.speed, topics=sorted(wanted))

@@ -108,10 +108,10 @@ class Simulator:
         """One thread per station until ``duration_s`` or ``stop``; returns when all are done."""
         from confluent_kafka import Producer
 
-        from sorter.stream.kafka import tool_config
+        from sorter.stream.kafka import kafka_config
 
         stop = stop or threading.Event()
-        producer = Producer(tool_config(kafka, {"linger.ms": 5}))
+        producer = Producer(kafka_config(kafka, {"linger.ms": 5}))
         lock = threading.Lock()
         end = None if duration_s is None else time.monotonic() + duration_s
 
