@@ -20,7 +20,7 @@ from pathlib import Path
 
 from sorter.bench.report import machine
 from sorter.logs import configure_logging
-from sorter.train.trainer import TrainConfig, train
+from sorter.train.trainer import OLD_RECIPE, TrainConfig, train
 
 VARIANTS: dict[str, dict] = {
     "default": {},
@@ -33,16 +33,16 @@ VARIANTS: dict[str, dict] = {
     "augment-none": {"augment": "none"},
     "augment-belt": {"augment": "belt"},
     "augment-any-angle": {"augment": "belt-any-angle"},
-    # the defaults before issue #14: what a newcomer got
-    "old-recipe": {
-        "augment": "belt",
-        "bn": "train",
-        "ema": 0.0,
-        "lr_finetune": 1e-4,
-        "pool": "mean",
-        "epochs": 10,
-        "head_epochs": 4,
-    },
+    "erase": {"augment": "light-erase"},
+    "cutmix": {"mix": "cutmix"},
+    "mixup": {"mix": "mixup"},
+    "mix-both": {"mix": "both"},
+    "erase-cutmix": {"augment": "light-erase", "mix": "cutmix"},
+    "erase-mix-both": {"augment": "light-erase", "mix": "both"},
+    "mix-both-val10": {"mix": "both", "val_fraction": 0.1},
+    "val10": {"val_fraction": 0.1},
+    "wd-0.05": {"weight_decay": 0.05},
+    "old-recipe": OLD_RECIPE,
 }
 
 
@@ -63,6 +63,7 @@ def run(data: Path, out: Path, variant: str, seed: int, image_size: int, backbon
         "temperature": m["temperature"],
         "gate_span": m["gate_span"],
         "epochs": len(result.history),
+        "precision": result.meta.train_config["precision"],
         "seconds": round(seconds, 1),
         "history": [(h["phase"], round(h["train_accuracy"], 4), round(h["val_accuracy"], 4)) for h in result.history],
     }

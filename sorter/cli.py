@@ -73,6 +73,15 @@ def synth(
     test_per_class: Annotated[
         int, typer.Option(help="also write OUT/test (held out) with this many photos per class (another seed)")
     ] = 0,
+    hard: Annotated[
+        bool,
+        typer.Option(
+            "--hard",
+            metavar="",
+            help="fine-grained product families (same shape and colour, different print), several poses, "
+            "neighbouring parcels, clutter and glare: a catalogue that ranks training recipes",
+        ),
+    ] = False,
 ) -> None:
     """Generate synthetic conveyor photos of products (ImageFolder layout, plus skus.json)."""
     from sorter.data.synth import catalog, write_dataset
@@ -80,7 +89,7 @@ def synth(
     from sorter.progress import progress_bar
 
     try:
-        catalog(classes)
+        catalog(classes, hard)
     except ValueError as exc:
         raise ConfigError(f"--classes {classes}: {exc}") from None
 
@@ -92,7 +101,7 @@ def synth(
     total = sum(n for _, n, _ in splits) * classes
     with progress_bar(total, "rendering photos") as advance:
         for folder, n, s in splits:
-            write_dataset(folder, classes, n, seed=s, size=(width, height), progress=advance)
+            write_dataset(folder, classes, n, seed=s, size=(width, height), progress=advance, hard=hard)
     if val_per_class or test_per_class:
         (out_dir / "skus.json").write_text((out_dir / "train" / "skus.json").read_text())
     out_console.print(f"wrote {total} photos of {classes} products to {out_dir}")
@@ -122,7 +131,10 @@ def train(
         bool, typer.Option("--attention/--no-attention", help="spatial attention head", metavar="")
     ] = True,
     pool: Annotated[str, typer.Option(help="attention (A-weighted mean of X) or mean (mean of A*X)")] = "attention",
-    augment: Annotated[str, typer.Option(help="none, light, belt or belt-any-angle (see README)")] = "light",
+    augment: Annotated[
+        str, typer.Option(help="none, light, light-erase, belt or belt-any-angle (see README)")
+    ] = "light",
+    mix: Annotated[str, typer.Option(help="batch mixing: none, cutmix, mixup or both (see README)")] = "none",
     ema: Annotated[float, typer.Option(help="weight EMA decay per step; 0 turns it off")] = 0.995,
     seed: Annotated[int, typer.Option()] = 0,
     patience: Annotated[int, typer.Option(help="early-stopping patience, epochs")] = 3,
@@ -152,6 +164,7 @@ def train(
         attention=attention,
         pool=pool,
         augment=augment,
+        mix=mix,
         ema=ema,
         seed=seed,
         patience=patience,
@@ -392,6 +405,9 @@ def bench(
     batch_sizes: Annotated[str, typer.Option(help="batch sizes the ceiling tries, comma-separated")] = "8,16,32",
     naive_frames: Annotated[int, typer.Option(help="frames for the (slow) naive loop")] = 100,
     paced_seconds: Annotated[float, typer.Option(help="length of the 70% paced run (600: memory soak)")] = 20.0,
+    max_wait_ms: Annotated[
+        int | None, typer.Option(help="the worker's batch.max_wait_ms (default: the setting's default)")
+    ] = None,
     decode_threads: Annotated[int | None, typer.Option(help="decode pool size (default: cores, max 8)")] = None,
     bootstrap_servers: Annotated[str | None, typer.Option(help="use this broker (default: start Tansu)")] = None,
     redis_url: Annotated[str | None, typer.Option(help="use this Redis (default: start one)")] = None,
@@ -414,6 +430,7 @@ def bench(
         batch_sizes=tuple(int(b) for b in batch_sizes.split(",")),
         naive_frames=naive_frames,
         paced_seconds=paced_seconds,
+        max_wait_ms=max_wait_ms,
         decode_threads=decode_threads,
         bootstrap=bootstrap_servers,
         redis_url=redis_url,

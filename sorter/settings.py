@@ -138,6 +138,9 @@ class RedisSettings(Section):
 class BatchSettings(Section):
     max_size: int = Field(32, ge=1, le=1024)
     max_wait_ms: int = Field(20, ge=0, le=10_000, description="deadline to fill a batch at low traffic")
+    latency_budget_ms: int = Field(
+        0, ge=0, le=60_000, description="shorten the wait so wait + a full batch's measured model time fit (0: off)"
+    )
     decode_threads: int = Field(default_factory=default_decode_threads, ge=1, description="default: the pod's CPUs")
     max_pixels: int = Field(40_000_000, ge=1)
     max_payload_bytes: int = Field(20_000_000, ge=1)

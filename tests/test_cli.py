@@ -258,3 +258,13 @@ def test_a_bad_checkpoint_or_strict_route_stops_start_up_before_the_broker_wait(
         with pytest.raises(SorterError, match=expected):
             build_worker(load_settings(**base, model={"checkpoint": checkpoint, "device": "cpu"}, strict_routes=strict))
         assert time.monotonic() - started < 20
+
+
+def test_synth_hard_writes_the_fine_grained_catalogue(tmp_path):
+    import json
+
+    out = tmp_path / "hard"
+    _ok(["synth", str(out), "--hard", "--classes", "3", "--per-class", "1", "--width", "96", "--height", "72"])
+    labels = sorted(json.loads((out / "skus.json").read_text()))
+    assert labels == sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert any(label.endswith("-ink") for label in labels)  # a family member told apart by its print colour

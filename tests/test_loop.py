@@ -3,6 +3,7 @@ failures, outages, shutdown. Real broker and Redis: tests/integration."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -10,6 +11,7 @@ from dataclasses import replace
 
 import pytest
 from confluent_kafka import KafkaError
+from prometheus_client import generate_latest
 
 from sorter.settings import load_settings
 from sorter.stream.cache import MemoryCache
@@ -17,6 +19,7 @@ from sorter.stream.delivery import TransactionAborted, TransactionalProducer
 from sorter.stream.kafka import KafkaClients
 from sorter.stream.pipeline import Decoder, Pipeline
 from sorter.stream.routing import RoutingTable
+from sorter.stream.timeline import STAGES
 from sorter.stream.worker import Worker
 from tests.fakes import NOW_MS, FakeCluster, FakeModel, photo
 
@@ -672,3 +675,81 @@ def test_idle_exit_when_no_topic_matches_the_pattern_says_so():
     w = new_worker(cluster, settings(kafka={"session_timeout_ms": 1000, "metadata_refresh_ms": 100}))
     with pytest.raises(SorterError, match=r"no topic matches SORTER_KAFKA__FRAMES_PATTERN"):
         w.run(idle_exit_s=0.2)
+
+
+def test_every_millisecond_of_an_item_has_a_stage():
+    """The latency breakdown (timeline.py): every routed item's stages are all there, none negative, the
+    ones up to delivery add up to captured -> delivered, and a slow model shows up as ``infer``."""
+    cluster = FakeCluster()
+    cluster.create(TOPIC)
+    captured = int(time.time() * 1000) - 100  # photographed 100 ms before it reached the broker
+    for i in range(6):
+        headers = [("item-id", f"i{i}".encode()), ("captured-at", str(captured).encode())]
+        cluster.append(TOPIC, photo(i % 2, 0.9), f"i{i}".encode(), headers)
+    results = []
+    w = new_worker(cluster, settings(), pipeline(FakeModel(delay_s=0.05)), on_batch=results.append)
+    w.consumer.schedule(("assign", [(TOPIC, 0)]))
+    w.run(max_frames=6)
+    assert sum(len(r.commands) for r in results) == 6
+    for r in results:
+        t = r.times
+        assert t.closed <= t.started <= t.looked_up <= t.decoded <= t.inferred <= t.routed <= t.delivered
+        assert t.delivered <= t.committed
+        for c in r.commands:
+            stages = t.stages(c.captured_at, c.source.key)
+            assert set(stages) == set(STAGES) and min(stages.values()) >= 0
+            to_actuator = sum(ms for stage, ms in stages.items() if stage != "commit")
+            assert to_actuator == pytest.approx(t.delivered - c.captured_at, abs=0.01)
+            assert stages["broker"] >= 100 and stages["infer"] >= 50
+    scraped = generate_latest(w.metrics.registry).decode()
+    assert 'sorter_item_stage_seconds_count{stage="infer"} 6.0' in scraped
+
+
+def test_a_batch_closes_when_the_model_is_free_not_while_it_is_busy():
+    """Steady traffic (a frame every 25 ms) into a slow model (200 ms a batch). A batch closed while the
+    model still runs the one before would only queue behind it, and the frames arriving meanwhile would
+    wait a whole model run more: the batch keeps collecting and starts the moment the model is free."""
+    cluster = FakeCluster()
+    cluster.create(TOPIC)
+    results, decode_started = [], {}
+    p = pipeline(FakeModel(delay_s=0.2))
+    predecode = p.predecode
+
+    def spy(raw):
+        decode_started[raw.source.offset] = time.time_ns() / 1e6
+        return predecode(raw)
+
+    p.predecode = spy
+    w = new_worker(cluster, settings(batch={"max_size": 32, "max_wait_ms": 5}), p, on_batch=results.append)
+    w.consumer.schedule(("assign", [(TOPIC, 0)]))
+
+    def camera():
+        for i in range(48):
+            headers = [("item-id", f"i{i}".encode()), ("captured-at", str(int(time.time() * 1000)).encode())]
+            cluster.append(TOPIC, photo(i % 2, 0.9), f"i{i}".encode(), headers)
+            time.sleep(0.025)
+
+    threading.Thread(target=camera, daemon=True).start()
+    w.run(max_frames=48, idle_exit_s=2)
+    assert sum(r.frames for r in results) == 48
+    for before, batch in itertools.pairwise(results):
+        assert batch.times.closed >= before.times.inferred  # closed once the model was free ...
+        assert batch.times.started - batch.times.closed < 50  # ... so it did not queue behind another
+    assert max(r.frames for r in results) >= 5  # frames that arrived during a run went into the next batch
+    for r in results:  # each photo started decoding when fetched, during the model's run on the batch before
+        assert all(decode_started[offset] <= r.times.closed for _, _, offset in r.times.fetched)
+
+
+def test_the_latency_budget_cuts_the_wait_for_more_frames_by_the_measured_model_time():
+    cluster = FakeCluster()
+    budget = new_worker(cluster, settings(batch={"max_size": 32, "max_wait_ms": 20, "latency_budget_ms": 150}))
+    assert budget._wait_s() == pytest.approx(0.02)  # nothing measured yet: the configured wait
+    budget._frame_cost_s = 0.004  # a full batch: 128 ms of the 150
+    assert budget._wait_s() == pytest.approx(0.02)  # 22 ms left: the configured 20 is the cap
+    budget._frame_cost_s = 0.0045  # 144 ms: 6 ms left for waiting
+    assert budget._wait_s() == pytest.approx(0.006)
+    budget._frame_cost_s = 0.01  # a full batch alone is over budget: no waiting at all
+    assert budget._wait_s() == 0
+    plain = new_worker(cluster, settings(batch={"max_size": 32, "max_wait_ms": 20}))
+    plain._frame_cost_s = 0.01
+    assert plain._wait_s() == pytest.approx(0.02)  # no budget set: the configured wait

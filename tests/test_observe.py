@@ -13,6 +13,7 @@ from sorter.stream.accounting import WorkerStats
 from sorter.stream.contracts import CommandSource, RawFrame, RoutingCommand, Source
 from sorter.stream.observe import DEAD_LETTER_REASONS, MAX_LABEL_CHARS, Health, Metrics, WorkerCollector
 from sorter.stream.pipeline import BatchResult, DeadLetter
+from sorter.stream.timeline import BatchTimes
 
 
 def stats(state: str, lag: int) -> str:
@@ -75,8 +76,9 @@ def test_a_batch_moves_the_counters_and_histograms():
         classified=1,
         decode_s=0.002,
         infer_s=0.03,
+        times=BatchTimes(delivered=1_180),
     )
-    m.observe_batch(result, {"frames.dock-1": 3}, delivered_ms=1_180, seconds=0.05)
+    m.observe_batch(result, {"frames.dock-1": 3}, seconds=0.05)
     text = generate_latest(m.registry).decode()
     assert sample("sorter_frames_consumed_total", {"topic": "frames.dock-1"}, text) == 3
     assert sample("sorter_frames_dead_lettered_total", {"reason": "empty_payload", "station": "dock-1"}, text) == 1
@@ -128,7 +130,8 @@ def test_commands_and_dead_letters_carry_the_station():
         ],
         frames=9,
     )
-    m.observe_batch(result, {"staging.frames.dock-1": 2, "staging.frames.dock-3": 4}, delivered_ms=2_000, seconds=0.1)
+    result.times.delivered = 2_000
+    m.observe_batch(result, {"staging.frames.dock-1": 2, "staging.frames.dock-3": 4}, seconds=0.1)
     text = scrape(m)
     assert sample("sorter_commands_total", {"station": "dock-1", "reason": "classified"}, text) == 1
     assert sample("sorter_commands_total", {"station": "dock-1", "reason": "low_confidence"}, text) == 1
@@ -144,7 +147,7 @@ def test_station_labels_stay_bounded():
     m = Metrics(max_stations=3)
     long_id = "dock-" + "9" * 120  # a valid id (up to 128 characters), cut for the label
     stations = ["a", "b", long_id, "d", "e"]
-    m.observe_batch(BatchResult(commands=[routed(s) for s in stations], frames=5), {}, 2_000, 0.1)
+    m.observe_batch(BatchResult(commands=[routed(s) for s in stations], frames=5), {}, 0.1)
     text = scrape(m)
     labels = set(re.findall(r'^sorter_commands_total\{.*station="([^"]*)"', text, re.M))
     assert labels == {"a", "b", long_id[:MAX_LABEL_CHARS], "other"}
@@ -168,7 +171,7 @@ def exported_series() -> dict[str, set[str]]:
     worker.health.on_stats(stats("UP", 3))
     worker.metrics.model_info.labels("resnet18", "v1", "3", "224", "cpu", "fp32").set(1)
     batch = BatchResult(commands=[routed("dock-1")], dead_letters=[dead("frames.dock-1")], frames=2, classified=1)
-    worker.metrics.observe_batch(batch, {"frames.dock-1": 2}, 2_000, 0.1)
+    worker.metrics.observe_batch(batch, {"frames.dock-1": 2}, 0.1)
     worker.metrics.registry.register(WorkerCollector(worker))
     series: dict[str, set[str]] = {}
     for family in worker.metrics.registry.collect():
@@ -198,6 +201,7 @@ def test_metric_names_end_with_their_unit():
         "sorter_inference_seconds": "histogram",
         "sorter_batch_seconds": "histogram",
         "sorter_end_to_end_latency_seconds": "histogram",
+        "sorter_item_stage_seconds": "histogram",
         "sorter_kafka_errors": "counter",
         "sorter_model_info": "gauge",
         "sorter_consumer_lag_messages": "gauge",
@@ -231,7 +235,7 @@ def test_error_counters_exist_at_zero_before_the_first_error():
         assert sample(name, {}, text) == 0
     stations = set(re.findall(r'^sorter_frames_dead_lettered_total\{.*station="([^"]*)"', text, re.M))
     assert stations == {"unknown"}  # no station seen yet
-    worker.metrics.observe_batch(BatchResult(frames=1), {"frames.dock-7": 1}, 2_000, 0.1)
+    worker.metrics.observe_batch(BatchResult(frames=1), {"frames.dock-7": 1}, 0.1)
     text = scrape(worker.metrics)
     for reason in DEAD_LETTER_REASONS:
         assert sample("sorter_frames_dead_lettered_total", {"station": "dock-7", "reason": reason}, text) == 0

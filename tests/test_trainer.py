@@ -70,3 +70,29 @@ def test_batch_norm_keeps_imagenet_statistics_only_when_there_are_some():
 
     assert TrainConfig().bn_frozen and not TrainConfig(pretrained=False).bn_frozen
     assert TrainConfig(pretrained=False, bn="frozen").bn_frozen and not TrainConfig(bn="train").bn_frozen
+
+
+def test_batch_mixing_trains_every_batch_on_soft_labels(synth_tree, tmp_path):
+    trainer = Trainer(_config(epochs=1, mix="both"), load_splits(synth_tree), out=tmp_path / "m.pt")
+    loaders = trainer._loaders()
+    mixed, mixer = [], trainer.mixer
+
+    def spy(x, y):
+        x, soft = mixer(x, y)
+        mixed.append(soft)
+        return x, soft
+
+    trainer.mixer = spy
+    best = {"accuracy": -1.0, "nll": float("inf"), "epoch": 0, "state": None}
+    trainer._run_phase(1, 1, loaders["train"], loaders["val"], best)
+    assert len(mixed) == len(loaders["train"])
+    assert all(s.shape[1] == 4 and torch.allclose(s.sum(1), torch.ones(len(s))) for s in mixed)
+    assert any((s.max(1).values < 1).any() for s in mixed)  # labels really mixed
+    assert torch.isfinite(torch.tensor(trainer.history[-1]["train_loss"]))
+
+
+def test_an_unknown_mix_is_a_config_error():
+    from sorter.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--mix"):
+        TrainConfig(mix="cutout")

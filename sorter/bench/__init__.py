@@ -26,6 +26,7 @@ from sorter.bench.inputs import BenchConfig, Frames, decode_threads_for, make_ch
 from sorter.bench.report import machine, plot, save, summary_lines
 from sorter.bench.streaming import broker_only, e2e, naive, paced
 from sorter.logs import get_logger
+from sorter.settings import BatchSettings
 
 log = get_logger("sorter.bench")
 
@@ -73,7 +74,7 @@ def run(cfg: BenchConfig) -> dict:
             "compile": cfg.compile,
             "overlap": cfg.overlap,
             "delivery": cfg.delivery,
-            "max_wait_ms": cfg.max_wait_ms,
+            "max_wait_ms": BatchSettings().max_wait_ms if cfg.max_wait_ms is None else cfg.max_wait_ms,
             "decode_threads": decode_threads_for(cfg),
         },
         "ceiling": ceil,

@@ -25,7 +25,7 @@ class BenchConfig:
     overlap: bool = True
     delivery: str = "at-least-once"
     batch_sizes: tuple[int, ...] = (8, 16, 32)
-    max_wait_ms: int = 20
+    max_wait_ms: int | None = None  # the worker's batch.max_wait_ms; None: the setting's default
     naive_frames: int = 100
     paced_seconds: float = 20.0
     paced_fraction: float = 0.7

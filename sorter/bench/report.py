@@ -50,7 +50,7 @@ def plot(result: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4.4), gridspec_kw={"width_ratios": [1, 1, 1.4]})
     names = ["naive\nloop", "end to end\n(worker)", "compute\nceiling", "broker\nonly"]
     values = [result["naive_fps"], result["e2e_fps"], result["ceiling_fps"], result["broker_fps"]]
     bars = a.bar(names, values, color=["#bbb", "#2a7", "#357", "#a85"])
@@ -66,12 +66,19 @@ def plot(result: dict, path: Path) -> Path:
     b.barh(list(stages), list(stages.values()), color=["#8ac", "#357", "#a85"])
     b.set_xlabel("ms per frame (end to end, drained)")
     b.set_title("where the time goes")
-    lat = result["paced"]["latency"]
-    c.bar(["p50", "p95", "p99"], [lat["p50_ms"] or 0, lat["p95_ms"] or 0, lat["p99_ms"] or 0], color="#2a7")
-    c.axhline(100, color="#c33", ls="--", lw=1, label="target p99 100 ms")
-    c.set_ylabel("ms, captured-at to command delivered")
-    c.set_title(f"latency at 70% load ({result['paced']['rate']:.0f} frames/s)")
-    c.legend()
+    lat, stages = result["paced"]["latency"], result["paced"].get("latency_breakdown", {})
+    rows = [*stages.items(), ("total (to delivery)", lat)]
+    names = [name for name, _ in rows]
+    p50 = [v["p50_ms"] or 0 for _, v in rows]
+    p99 = [v["p99_ms"] or 0 for _, v in rows]
+    colours = ["#bbb" if name == "commit" else "#8ac" for name in stages] + ["#2a7"]
+    c.barh(names, p50, color=colours, label="p50 (grey: after delivery)")
+    c.scatter(p99, names, marker="|", s=200, color="#c33", label="p99", zorder=3)
+    c.axvline(100, color="#c33", ls="--", lw=1, label="target p99 100 ms")
+    c.invert_yaxis()
+    c.set_xlabel("ms per item, captured-at to command delivered")
+    c.set_title(f"per item at 70% load ({result['paced']['rate']:.0f} frames/s)")
+    c.legend(loc="center right", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -95,4 +102,6 @@ def summary_lines(r: dict) -> list[str]:
         f"rest {e['other_ms_per_frame']} ms",
         f"paced at {p['rate']} frames/s: latency p50 {lat['p50_ms']} p95 {lat['p95_ms']} p99 {lat['p99_ms']} ms; "
         f"RSS {rss['start']} -> {rss['end']} MB ({rss['slope_mb_per_min']} MB/min)",
+        "  where the milliseconds go (paced; p50 / p99 ms): "
+        + ", ".join(f"{k} {v['p50_ms']:g} / {v['p99_ms']:g}" for k, v in p.get("latency_breakdown", {}).items()),
     ]

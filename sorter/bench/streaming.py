@@ -8,6 +8,7 @@ import multiprocessing
 import threading
 import time
 import uuid
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from sorter.bench.inputs import STATIONS, BenchConfig, Frames, decode_threads_fo
 from sorter.progress import make_progress
 from sorter.settings import KafkaSettings
 from sorter.stream.kafka import kafka_config
+from sorter.stream.timeline import STAGES
 
 
 def _headers(item: str, station: str) -> list[tuple[str, bytes]]:
@@ -89,10 +91,10 @@ def _settings(cfg: BenchConfig, bootstrap: str, redis_url: str, checkpoint: Path
         model={"checkpoint": checkpoint, "device": cfg.device, "precision": cfg.precision, "compile": cfg.compile},
         batch={
             "max_size": batch,
-            "max_wait_ms": cfg.max_wait_ms,
             "decode_threads": decode_threads_for(cfg),
             "overlap": cfg.overlap,
-        },
+        }
+        | ({"max_wait_ms": cfg.max_wait_ms} if cfg.max_wait_ms is not None else {}),
         observe={"enabled": False},
         routes=routes,
         worker_id=f"{prefix}-worker",
@@ -103,28 +105,36 @@ def _settings(cfg: BenchConfig, bootstrap: str, redis_url: str, checkpoint: Path
 class Recorder:
     """Collects what each finished batch says (in the worker's thread)."""
 
-    latencies_ms: list[float] = field(default_factory=list)
+    latencies_ms: list[float] = field(default_factory=list)  # captured-at -> delivered (the broker's ack)
+    stages_ms: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     delivered: list[tuple[float, int]] = field(default_factory=list)  # (monotonic time, frames)
     decode_s: float = 0.0
     infer_s: float = 0.0
     frames: int = 0
 
     def __call__(self, result) -> None:
-        now = time.time_ns() // 1_000_000
         self.delivered.append((time.perf_counter(), result.frames))
         self.decode_s += result.decode_s
         self.infer_s += result.infer_s
         self.frames += result.frames
+        t = result.times
         for c in result.commands:
-            if c.captured_at:
-                self.latencies_ms.append(now - c.captured_at)
+            if c.captured_at and t.delivered:
+                self.latencies_ms.append(t.delivered - c.captured_at)
+            for stage, ms in t.stages(c.captured_at, c.source.key).items():
+                self.stages_ms[stage].append(ms)
+
+    def breakdown(self) -> dict[str, dict[str, float]]:
+        """Per stage (timeline.py): p50/p95/p99 and the mean, in ms, over every routed item."""
+        return {stage: _percentiles(self.stages_ms[stage]) for stage in STAGES if self.stages_ms.get(stage)}
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
     if not values:
-        return {"p50_ms": None, "p95_ms": None, "p99_ms": None}
+        return {"p50_ms": None, "p95_ms": None, "p99_ms": None, "mean_ms": None}
     a = np.array(values)
-    return {f"p{q}_ms": round(float(np.percentile(a, q)), 1) for q in (50, 95, 99)}
+    out = {f"p{q}_ms": round(float(np.percentile(a, q)), 2) for q in (50, 95, 99)}
+    return out | {"mean_ms": round(float(a.mean()), 2)}
 
 
 def _rss_mb() -> float:
@@ -164,6 +174,7 @@ def e2e(cfg: BenchConfig, frames: Frames, checkpoint: Path, bootstrap: str, redi
         if fps == fps and fps > 0
         else None,
         "latency": _percentiles(recorder.latencies_ms),
+        "latency_breakdown": recorder.breakdown(),
     }
     return drained
 
@@ -219,6 +230,7 @@ def paced(cfg: BenchConfig, frames: Frames, checkpoint: Path, bootstrap: str, re
         "routed": recorder.frames,
         "seconds": cfg.paced_seconds,
         "latency": _percentiles(recorder.latencies_ms),
+        "latency_breakdown": recorder.breakdown(),
         "rss_mb": {
             "start": round(rss[0][1], 1) if rss else None,
             "end": round(rss[-1][1], 1) if rss else None,

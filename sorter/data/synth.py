@@ -4,6 +4,12 @@ Each class is a product *design* (shape, body colour, label pattern) fixed by it
 generated with different seeds share their classes; each photo varies pose, scale, position,
 lighting, shadow, motion blur, sensor noise, partial occlusion and JPEG quality. Same seed, same
 bytes. The layout is an ImageFolder tree (``OUT/<label>/<label>-<n>.jpg``) plus ``skus.json``.
+
+``hard=True`` is the catalogue a recipe can fail on (the default one saturates at 1.000): products come
+in families of three that share shape and body colour and differ only in their print (its colour, or
+its pattern), as flavours of one product line do; each photo shows one of several poses (lying on its
+printed face, on its side, foreshortened, or upside down with only a small label showing), neighbouring
+parcels cut by the frame, loose clutter (tape, slips) and specular glare.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +40,9 @@ COLOURS = {  # RGB, chosen far apart so lighting changes do not carry one into a
     "teal": (20, 150, 150),
 }
 PATTERNS = ("stripes", "dots", "band", "checker", "logo", "plain")
+INKS = ("red", "blue", "green")  # print colours of the fine-grained catalogue's variants
+FAMILY = 3  # hard catalogue: designs per family (same shape and body colour)
+POSES = {"face": 0.6, "side": 0.3, "back": 0.1}  # hard photos: which side of the item the camera sees
 
 
 @dataclass(frozen=True)
@@ -42,15 +51,48 @@ class ProductDesign:
     colour: str
     pattern: str
     sku: str
+    ink: str | None = None  # print colour; None: black or white, whichever contrasts with the body
 
     @property
     def label(self) -> str:
-        return f"{self.kind}-{self.colour}-{self.pattern}"
+        return f"{self.kind}-{self.colour}-{self.pattern}" + (f"-{self.ink}-ink" if self.ink else "")
 
 
-def catalog(n: int) -> list[ProductDesign]:
+def _sku(i: int) -> str:
+    return f"SKU-{100000 + 7919 * i % 900000:06d}"
+
+
+def fine_catalog(n: int) -> list[ProductDesign]:
+    """The hard catalogue: families of ``FAMILY`` designs sharing shape and body colour. In a family, the
+    second design differs from the first only by the colour of its print, the third only by its pattern."""
+    if n < 1:
+        raise ConfigError("need at least one class")
+    colours = list(COLOURS)
+    families = 32  # (kind, colour) pairs the family index walks through before it repeats one
+    if n > families * FAMILY:
+        raise ConfigError(f"at most {families * FAMILY} classes can be generated")
+    designs = []
+    for i in range(n):
+        f, member = divmod(i, FAMILY)
+        kind, colour = KINDS[f % len(KINDS)], colours[(f * 3 + f // len(KINDS)) % len(colours)]
+        pattern = PATTERNS[f % (len(PATTERNS) - 1)]  # never "plain": the print is what tells them apart
+        if member == 1:
+            designs.append(ProductDesign(kind, colour, pattern, _sku(i), ink=next(c for c in INKS if c != colour)))
+        elif member == 2:
+            designs.append(ProductDesign(kind, colour, PATTERNS[(f + 2) % (len(PATTERNS) - 1)], _sku(i)))
+        else:
+            designs.append(ProductDesign(kind, colour, pattern, _sku(i)))
+    if len({d.label for d in designs}) != len(designs):  # pragma: no cover - guarded by the limit above
+        raise ConfigError("the hard catalogue repeated a class")
+    return designs
+
+
+def catalog(n: int, hard: bool = False) -> list[ProductDesign]:
     """The first ``n`` product designs: the same list for every seed. Designs differ in shape first,
-    then colour, then pattern, so small catalogs are made of clearly different products."""
+    then colour, then pattern, so small catalogs are made of clearly different products (``hard``:
+    the fine-grained families of ``fine_catalog``)."""
+    if hard:
+        return fine_catalog(n)
     if n < 1:
         raise ConfigError("need at least one class")
     combos = list(itertools.product(range(len(PATTERNS)), range(len(COLOURS)), range(len(KINDS))))
@@ -62,13 +104,10 @@ def catalog(n: int) -> list[ProductDesign]:
         kind = KINDS[i % len(KINDS)]
         colour = colours[(i * 3 + i // len(KINDS)) % len(colours)]
         pattern = PATTERNS[(i + i // len(KINDS) * 2) % len(PATTERNS)]
-        designs.append(ProductDesign(kind, colour, pattern, sku=f"SKU-{100000 + 7919 * i % 900000:06d}"))
+        designs.append(ProductDesign(kind, colour, pattern, sku=_sku(i)))
     labels = [d.label for d in designs]
     if len(set(labels)) != len(labels):  # fall back to exhaustive enumeration for very large catalogs
-        designs = [
-            ProductDesign(KINDS[k], colours[c], PATTERNS[p], f"SKU-{100000 + 7919 * i % 900000:06d}")
-            for i, (p, c, k) in enumerate(combos[:n])
-        ]
+        designs = [ProductDesign(KINDS[k], colours[c], PATTERNS[p], _sku(i)) for i, (p, c, k) in enumerate(combos[:n])]
     return designs
 
 
@@ -122,13 +161,18 @@ def _shape_size(kind: str) -> tuple[float, float]:
     }[kind]
 
 
-def _paint_product(design: ProductDesign, w: int, h: int, rng: np.random.Generator) -> np.ndarray:
+def _paint_product(design: ProductDesign, w: int, h: int, rng: np.random.Generator, pose: str = "face") -> np.ndarray:
     body = np.array(COLOURS[design.colour], np.float32)
     body = np.clip(body * rng.uniform(0.9, 1.1) + rng.normal(0, 6, 3), 0, 255)
     img = np.empty((h, w, 3), np.uint8)
     img[:] = body.astype(np.uint8)
-    ink = _contrast(COLOURS[design.colour])
+    ink = COLOURS[design.ink] if design.ink else _contrast(COLOURS[design.colour])
     s = max(4, min(w, h) // 10)
+    if pose == "back":  # upside down: a plain back with a small price label in the print colour
+        x0, y0 = int(w * rng.uniform(0.15, 0.45)), int(h * rng.uniform(0.15, 0.5))
+        cv2.rectangle(img, (x0, y0), (x0 + w // 3, y0 + h // 5), (240, 240, 236), -1)
+        cv2.rectangle(img, (x0 + 2, y0 + 2), (x0 + w // 10, y0 + h // 5 - 2), ink, -1)
+        return img
     if design.pattern == "stripes":
         for y in range(0, h, 2 * s):
             cv2.rectangle(img, (0, y), (w, y + s // 2 + 2), ink, -1)
@@ -139,7 +183,7 @@ def _paint_product(design: ProductDesign, w: int, h: int, rng: np.random.Generat
     elif design.pattern == "band":
         cv2.rectangle(img, (0, int(h * 0.4)), (w, int(h * 0.65)), (245, 245, 240), -1)
         for x in range(int(w * 0.15), int(w * 0.85), max(3, s // 3)):  # barcode on the band
-            cv2.line(img, (x, int(h * 0.45)), (x, int(h * 0.6)), (15, 15, 15), max(1, s // 6))
+            cv2.line(img, (x, int(h * 0.45)), (x, int(h * 0.6)), ink if design.ink else (15, 15, 15), max(1, s // 6))
     elif design.pattern == "checker":
         for y in range(0, h, s):
             for x in range(0, w, s):
@@ -179,39 +223,119 @@ def _belt(width: int, height: int, rng: np.random.Generator) -> np.ndarray:
     return belt
 
 
-def render(
-    design: ProductDesign, rng: np.random.Generator, size: tuple[int, int] = (640, 480), quality: int | None = None
-) -> bytes:
-    """One JPEG photo of ``design`` on a belt."""
-    width, height = size
-    frame = _belt(width, height, rng).astype(np.float32)
+Where = Callable[[np.random.Generator], tuple[float, float, float]]  # draws (angle, cx, cy)
 
-    base = min(width, height) * rng.uniform(0.45, 0.65)
+
+def _place(
+    frame: np.ndarray, design: ProductDesign, rng: np.random.Generator, base: float, where: Where, pose: str = "face"
+) -> tuple[np.ndarray, np.ndarray, tuple[float, float, int, int]]:
+    """Paint ``design`` at the angle and centre ``where`` draws (after the paint: the draws' order is part of
+    "same seed, same bytes"); returns the item's RGB layer, its alpha and ``(cx, cy, w, h)``."""
+    height, width = frame.shape[:2]
     fw, fh = _shape_size(design.kind)
     w, h = max(16, int(base * fw)), max(16, int(base * fh))
-    product = _paint_product(design, w, h, rng)
+    product = _paint_product(design, w, h, rng, pose)
     mask = _shape_mask(design.kind, w, h)
-
-    # place: random rotation (overhead camera: any angle), position mostly inside the frame
-    angle = rng.uniform(0, 360)
+    if pose == "side":  # lying on its side, seen at a slant: the printed face foreshortened
+        squash = rng.uniform(0.45, 0.7)
+        h = max(12, int(h * squash))
+        product = cv2.resize(product, (w, h), interpolation=cv2.INTER_AREA)
+        mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
     diag = int(math.hypot(w, h)) + 4
     canvas_p = np.zeros((diag, diag, 3), np.uint8)
     canvas_m = np.zeros((diag, diag), np.uint8)
     y0, x0 = (diag - h) // 2, (diag - w) // 2
     canvas_p[y0 : y0 + h, x0 : x0 + w] = product
     canvas_m[y0 : y0 + h, x0 : x0 + w] = mask
-    cx = rng.uniform(width * 0.3, width * 0.7)
-    cy = rng.uniform(height * 0.35, height * 0.65)
+    angle, cx, cy = where(rng)
     rot = cv2.getRotationMatrix2D((diag / 2, diag / 2), angle, 1.0)
     rot[:, 2] += (cx - diag / 2, cy - diag / 2)
     warped = cv2.warpAffine(canvas_p, rot, (width, height), flags=cv2.INTER_LINEAR)
     alpha = cv2.warpAffine(canvas_m, rot, (width, height), flags=cv2.INTER_LINEAR).astype(np.float32) / 255
+    return warped, alpha, (cx, cy, w, h)
 
-    # soft shadow cast away from the light
+
+def _composite(frame: np.ndarray, warped: np.ndarray, alpha: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Soft shadow cast away from the light, then the item over the belt."""
+    height, width = frame.shape[:2]
     shift = np.float32([[1, 0, rng.uniform(4, 14)], [0, 1, rng.uniform(4, 14)]])
     shadow = cv2.GaussianBlur(cv2.warpAffine(alpha, shift, (width, height)), (0, 0), 6)
     frame *= (1 - 0.5 * shadow)[..., None]
-    frame = frame * (1 - alpha[..., None]) + warped.astype(np.float32) * alpha[..., None]
+    return frame * (1 - alpha[..., None]) + warped.astype(np.float32) * alpha[..., None]
+
+
+def _neighbours(
+    frame: np.ndarray, others: Sequence[ProductDesign], rng: np.random.Generator, base: float
+) -> np.ndarray:
+    """One or two other products on the belt before or after this one, cut by the frame's edge."""
+    height, width = frame.shape[:2]
+    for _ in range(int(rng.integers(1, 3))):
+        other = others[int(rng.integers(len(others)))]
+        side = rng.choice([-1, 1])
+        pose = rng.choice(list(POSES), p=list(POSES.values()))
+
+        def edge(r: np.random.Generator, side: int = side) -> tuple[float, float, float]:
+            cx = width / 2 + side * width * r.uniform(0.5, 0.62)
+            return r.uniform(0, 360), cx, r.uniform(height * 0.3, height * 0.7)
+
+        warped, alpha, _ = _place(frame, other, rng, base * rng.uniform(0.8, 1.1), edge, pose)
+        frame = _composite(frame, warped, alpha, rng)
+    return frame
+
+
+def _clutter(frame: np.ndarray, rng: np.random.Generator) -> None:
+    """Loose tape, delivery slips and debris anywhere on the belt (over the item too)."""
+    height, width = frame.shape[:2]
+    for _ in range(int(rng.integers(1, 4))):
+        cx, cy = rng.uniform(0, width), rng.uniform(0, height)
+        long, short = rng.uniform(0.05, 0.2) * width, rng.uniform(0.01, 0.04) * width
+        box = cv2.boxPoints(((cx, cy), (long, short), rng.uniform(0, 180))).astype(np.int32)
+        colour = [(200, 170, 110), (235, 235, 230), (120, 110, 100)][int(rng.integers(3))]  # tape, paper, dirt
+        cv2.fillPoly(frame, [box], colour)
+
+
+def _glare(frame: np.ndarray, alpha: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A specular highlight from the tunnel's lights on the item's glossy film, saturating part of it."""
+    height, width = frame.shape[:2]
+    ys, xs = np.nonzero(alpha > 0.5)
+    if len(xs) == 0:
+        return frame
+    k = int(rng.integers(len(xs)))
+    sx, sy = rng.uniform(0.04, 0.12) * width, rng.uniform(0.03, 0.08) * width
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    blob = np.exp(-(((xx - xs[k]) / sx) ** 2 + ((yy - ys[k]) / sy) ** 2))
+    return frame + (rng.uniform(120, 260) * blob * alpha)[..., None]
+
+
+def render(
+    design: ProductDesign,
+    rng: np.random.Generator,
+    size: tuple[int, int] = (640, 480),
+    quality: int | None = None,
+    *,
+    hard: bool = False,
+    others: Sequence[ProductDesign] = (),
+) -> bytes:
+    """One JPEG photo of ``design`` on a belt (``hard``: a random pose, neighbours drawn from ``others``,
+    clutter and glare; see the module's docstring)."""
+    width, height = size
+    frame = _belt(width, height, rng).astype(np.float32)
+
+    base = min(width, height) * rng.uniform(0.45, 0.65)
+    pose = rng.choice(list(POSES), p=list(POSES.values())) if hard else "face"
+    if hard and others and rng.random() < 0.6:
+        frame = _neighbours(frame, others, rng, base)
+
+    def middle(r: np.random.Generator) -> tuple[float, float, float]:
+        # random rotation (overhead camera: any angle), position mostly inside the frame
+        return r.uniform(0, 360), r.uniform(width * 0.3, width * 0.7), r.uniform(height * 0.35, height * 0.65)
+
+    warped, alpha, (cx, cy, w, h) = _place(frame, design, rng, base, middle, pose)
+    frame = _composite(frame, warped, alpha, rng)
+    if hard and rng.random() < 0.4:
+        frame = _glare(frame, alpha, rng)
+    if hard and rng.random() < 0.5:
+        _clutter(frame, rng)
 
     # partial occlusion: a guard bar or a neighbouring parcel's corner over part of the item
     if rng.random() < 0.3:
@@ -244,22 +368,29 @@ def render(
 
 
 def generate(
-    classes: int, per_class: int, seed: int = 0, size: tuple[int, int] = (640, 480)
+    classes: int, per_class: int, seed: int = 0, size: tuple[int, int] = (640, 480), hard: bool = False
 ) -> Iterator[tuple[ProductDesign, int, bytes]]:
-    """Yield ``(design, index, jpeg_bytes)``; deterministic in ``(classes, per_class, seed, size)``."""
-    for class_index, design in enumerate(catalog(classes)):
+    """Yield ``(design, index, jpeg_bytes)``; deterministic in ``(classes, per_class, seed, size, hard)``."""
+    designs = catalog(classes, hard)
+    for class_index, design in enumerate(designs):
         rng = np.random.default_rng([seed, class_index])
         for n in range(per_class):
-            yield design, n, render(design, rng, size)
+            yield design, n, render(design, rng, size, hard=hard, others=designs)
 
 
 def write_dataset(
-    out: Path, classes: int, per_class: int, seed: int = 0, size: tuple[int, int] = (640, 480), progress=None
+    out: Path,
+    classes: int,
+    per_class: int,
+    seed: int = 0,
+    size: tuple[int, int] = (640, 480),
+    progress=None,
+    hard: bool = False,
 ) -> list[ProductDesign]:
     """Write an ImageFolder tree under ``out`` and ``out/skus.json`` (label -> SKU)."""
-    designs = catalog(classes)
+    designs = catalog(classes, hard)
     out.mkdir(parents=True, exist_ok=True)
-    for design, n, data in generate(classes, per_class, seed, size):
+    for design, n, data in generate(classes, per_class, seed, size, hard):
         folder = out / design.label
         folder.mkdir(exist_ok=True)
         (folder / f"{design.label}-{n:05d}.jpg").write_bytes(data)

@@ -48,8 +48,9 @@ class Accounting:
     ) -> None:
         self.stats, self.metrics, self.cache_up, self.on_batch = stats, metrics, cache_up, on_batch
 
-    def batch_done(self, result: BatchResult, frames_by_topic: dict[str, int], delivered_ms: int, seconds: float):
+    def batch_done(self, result: BatchResult, frames_by_topic: dict[str, int], seconds: float):
         s = self.stats
+        delivered_ms = result.times.delivered
         s.batches += 1
         s.frames += result.frames
         s.commands += len(result.commands)
@@ -85,7 +86,7 @@ class Accounting:
                 reason=c.reason,
                 frames=c.frames,
                 cached=c.cached,
-                latency_ms=delivered_ms - c.captured_at if c.captured_at else None,
+                latency_ms=round(delivered_ms - c.captured_at, 1) if c.captured_at and delivered_ms else None,
             )
         for h in result.hits:
             # debug, not info: a hit changes nothing on the conveyor (a new pass also gets its item.routed line,
@@ -114,6 +115,6 @@ class Accounting:
             infer_ms=round(result.infer_s * 1000, 2),
             batch_ms=round(seconds * 1000, 2),
         )
-        self.metrics.observe_batch(result, frames_by_topic, delivered_ms, seconds)
+        self.metrics.observe_batch(result, frames_by_topic, seconds)
         if self.on_batch is not None:
             self.on_batch(result)

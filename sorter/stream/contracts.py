@@ -147,6 +147,10 @@ class CommandSource(BaseModel):
     partition: int
     offset: int
 
+    @property
+    def key(self) -> tuple[str, int, int]:
+        return (self.topic, self.partition, self.offset)
+
 
 class RoutingCommand(BaseModel):
     """What a station's actuators obey. Actuators drop duplicates by ``item_id`` (at-least-once delivery)."""

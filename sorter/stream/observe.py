@@ -39,6 +39,7 @@ from prometheus_client.registry import Collector
 from sorter.errors import ConfigError
 from sorter.logs import get_logger
 from sorter.stream.contracts import STATION_ID_PATTERN, FrameError, RawFrame, header_text, station_from_topic
+from sorter.stream.timeline import STAGES
 
 if TYPE_CHECKING:
     from sorter.stream.accounting import WorkerStats
@@ -49,6 +50,7 @@ log = get_logger("sorter.observe")
 METRICS_PATH, LIVENESS_PATH, READINESS_PATH = "/metrics", "/livez", "/readyz"
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10, 30)
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+ITEM_STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 10)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 KAFKA_CLIENTS = ("consumer", "producer")
 # Every reason a frame is dead-lettered for (FrameError in contracts and pipeline, FrameDecodeError in
@@ -143,6 +145,16 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.item_stage_s = Histogram(
+            "sorter_item_stage_seconds",
+            "each routed item's latency cut into stages (broker, collect, queue, cache, decode, infer, route, "
+            "deliver, commit: README, 'Where the milliseconds go')",
+            ["stage"],
+            buckets=ITEM_STAGE_BUCKETS,
+            registry=r,
+        )
+        for stage in STAGES:
+            self.item_stage_s.labels(stage)
         self.kafka_errors = Counter("sorter_kafka_errors", "librdkafka errors reported", ["client"], registry=r)
         for client in KAFKA_CLIENTS:
             self.kafka_errors.labels(client)
@@ -159,7 +171,8 @@ class Metrics:
         for reason in DEAD_LETTER_REASONS:
             self.dead.labels(station=station, reason=reason)
 
-    def observe_batch(self, result: BatchResult, frames_by_topic: dict[str, int], delivered_ms: int, seconds: float):
+    def observe_batch(self, result: BatchResult, frames_by_topic: dict[str, int], seconds: float):
+        delivered_ms = result.times.delivered
         for topic, n in frames_by_topic.items():
             self.frames.labels(topic).inc(n)
             if (station := station_from_topic(topic, self.topic_prefix)) is not None:
@@ -179,8 +192,10 @@ class Metrics:
             self.dead.labels(station=station, reason=d.reason).inc()
         for c in result.commands:
             self.commands.labels(station=self.station(c.station_id), chute=c.chute, reason=c.reason).inc()
-            if c.captured_at:
+            if c.captured_at and delivered_ms:
                 self.latency.observe(max(0.0, (delivered_ms - c.captured_at) / 1000))
+            for stage, ms in result.times.stages(c.captured_at, c.source.key).items():
+                self.item_stage_s.labels(stage).observe(ms / 1000)
 
 
 class WorkerView(Protocol):

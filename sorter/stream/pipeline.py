@@ -33,6 +33,7 @@ from sorter.stream.cache import DecisionCache
 from sorter.stream.contracts import CommandSource, Frame, FrameError, RawFrame, RoutingCommand, parse_frame
 from sorter.stream.inference import Prediction
 from sorter.stream.routing import RoutingTable, decide
+from sorter.stream.timeline import BatchTimes, wall_ms
 
 
 class Model(Protocol):
@@ -74,6 +75,7 @@ class BatchResult:
     classified: int = 0
     decode_s: float = 0.0
     infer_s: float = 0.0
+    times: BatchTimes = field(default_factory=BatchTimes)  # where its items' milliseconds went (timeline.py)
 
 
 def now_ms() -> int:
@@ -138,18 +140,22 @@ class Pipeline:
     def _dead(self, result: BatchResult, raw: RawFrame, reason: str, exc: Exception) -> None:
         result.dead_letters.append(DeadLetter(raw, reason, type(exc).__name__, str(exc)))
 
-    def predecode(self, raws: Sequence[RawFrame]) -> dict[int, Future]:
-        """Start decoding a batch's photos ahead of :meth:`process` (which then only waits for them), so
-        decoding the next batch overlaps the model's work on this one. Oversized payloads are skipped
-        (never decoded); a photo whose item turns out to be decided already was decoded for nothing."""
-        return {
-            i: self.decoder.submit(r.value, self.model.input_size)
-            for i, r in enumerate(raws)
-            if r.value and len(r.value) <= self.max_payload_bytes
-        }
+    def predecode(self, raw: RawFrame) -> Future | None:
+        """Start decoding one photo ahead of :meth:`process` (which then only waits for it), so decoding
+        overlaps the model's work on the batch before. Oversized payloads are not decoded (None); a photo
+        whose item turns out to be decided already was decoded for nothing."""
+        if raw.value and len(raw.value) <= self.max_payload_bytes:
+            return self.decoder.submit(raw.value, self.model.input_size)
+        return None
 
-    def process(self, raws: Sequence[RawFrame], predecoded: dict[int, Future] | None = None) -> BatchResult:
-        result = BatchResult(frames=len(raws))
+    def process(
+        self, raws: Sequence[RawFrame], predecoded: dict[int, Future] | None = None, times: BatchTimes | None = None
+    ) -> BatchResult:
+        """``predecoded``: decodes already started (:meth:`predecode`), by position in ``raws``; the others are
+        decoded here. ``times``: the loop's stamps so far (fetched, closed); the pipeline adds its own and
+        returns them on the result."""
+        result = BatchResult(frames=len(raws), times=times or BatchTimes())
+        result.times.started = wall_ms()
         position = {id(raw): i for i, raw in enumerate(raws)}
         frames: list[Frame] = []
         for raw in raws:
@@ -173,16 +179,21 @@ class Pipeline:
                 if new_pass:
                     again[(f.item_id, f.station_id)].append(f)
         result.cache_hits = len(result.hits)
+        result.times.looked_up = wall_ms()
         decided_at = self.clock_ms()
         for (item_id, _), views in again.items():
             self._reuse(result, known[item_id], views, decided_at)
 
         started = time.perf_counter()  # with predecoding: the time spent waiting for the decoders
-        if predecoded is None:
+        started_early = [predecoded.get(position[id(f.raw)]) if predecoded else None for f in fresh]
+        if not any(started_early):
             decoded = self.decoder.decode([f.payload for f in fresh], self.model.input_size)
         else:
-            decoded = [predecoded[position[id(f.raw)]].result() for f in fresh]
+            size = self.model.input_size
+            futures = [fut or self.decoder.submit(f.payload, size) for f, fut in zip(fresh, started_early, strict=True)]
+            decoded = [fut.result() for fut in futures]
         result.decode_s = time.perf_counter() - started
+        result.times.decoded = wall_ms()
         ok: list[tuple[Frame, np.ndarray]] = []
         for frame, image in zip(fresh, decoded, strict=True):
             if isinstance(image, FrameDecodeError):
@@ -193,6 +204,7 @@ class Pipeline:
         started = time.perf_counter()
         predictions = self.model.predict([image for _, image in ok])
         result.infer_s = time.perf_counter() - started
+        result.times.inferred = wall_ms()
         result.classified = len(predictions)
 
         by_item: dict[tuple[str, str], list[tuple[Frame, Prediction]]] = defaultdict(list)
@@ -207,6 +219,7 @@ class Pipeline:
                 result, frame, best.sku, best.label, confidence, decision, self.model.model_version,
                 decided_at, frames=len(candidates), cached=False, passes={},
             )  # fmt: skip
+        result.times.routed = wall_ms()
         return result
 
     @staticmethod

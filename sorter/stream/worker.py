@@ -2,12 +2,16 @@
 
 Per batch (delivery's own numbered steps are in ``delivery.py``):
 
-1. collect up to ``batch.max_size`` frames, waiting at most ``batch.max_wait_ms`` after the first;
-   start decoding them at once in the decode thread pool;
+1. collect up to ``batch.max_size`` frames, waiting ``batch.max_wait_ms`` after the first and, with
+   ``batch.overlap``, until the model has finished the batch before (dynamic batching: see ``_collect``);
+   each frame starts decoding in the decode thread pool as soon as it is fetched;
 2. on the helper thread (one, so batches run in order): run the pipeline (cache lookup, wait for the
    decoders, model, routing), deliver its commands and dead letters, then remember its decisions in the
    cache. With ``batch.overlap`` the main thread meanwhile collects and starts decoding the next batch;
-3. back on the main thread, commit ``offset + 1`` per partition still owned.
+3. back on the main thread, commit ``offset + 1`` per partition still owned, synchronously: by then the
+   next batch is already in the model, so the commit is off the path of every item (measured:
+   ``timeline.py``). Asynchronous commits are not used: librdkafka may retry one after a timeout or a
+   coordinator move and land it after a later commit, moving the committed offset back (found in review).
 
 Rules that keep every frame routed exactly where it should be:
 
@@ -67,11 +71,14 @@ from sorter.stream.delivery import (
 )
 from sorter.stream.kafka import KafkaClients, consumer_config, producer_config, to_raw, transactional_producer_config
 from sorter.stream.observe import Health, Metrics, ObservabilityServer
-from sorter.stream.pipeline import BatchResult, Pipeline, now_ms
+from sorter.stream.pipeline import BatchResult, Pipeline
+from sorter.stream.timeline import BatchTimes, wall_ms
 
 log = get_logger("sorter.worker")
 
 DRAIN_SHARE = 0.8  # of shutdown_deadline_s for finishing batches; the rest is for closing the clients
+BUSY_POLL_S = 0.002  # a full batch waits for the model: how often to look whether it is free yet
+COST_EWMA = 0.2  # weight of the newest batch in the per-frame model cost estimate
 
 
 class StopSignal(threading.Event):
@@ -136,6 +143,7 @@ class InFlight:
     future: Future
     messages: list[Message]
     started: float
+    times: BatchTimes
     finished: bool = False
     commit: bool = True  # False once its partitions were lost: offsets not ours to commit
 
@@ -181,6 +189,10 @@ class Worker:
         self.cooperative = "cooperative" in str(config["partition.assignment.strategy"])
         self._collecting: list[Message] = []  # the batch being collected (a revocation may take from it)
         self._stash: list[Message] = []  # polled while a slow batch ran: first in the next batch
+        self._fetched: dict[int, float] = {}  # id(message) -> when a consume returned it (wall ms)
+        # with overlap, each frame starts decoding as soon as it is fetched: id(message) -> (raw, decode)
+        self._decoding: dict[int, tuple[RawFrame, Future | None]] = {}
+        self._frame_cost_s: float | None = None  # decode wait + model per classified frame, EWMA of batches
         self._inflight: deque[InFlight] = deque()
         self._failed = threading.Event()  # a batch failed: later batches send nothing
         self._keepalive_paused = False  # a slow batch has the partitions paused: new ones start paused too
@@ -304,29 +316,80 @@ class Worker:
         signal.signal(signal.SIGINT, handler)
 
     def _collect(self) -> list[Message]:
-        """Fill ``self._collecting``; rebalance callbacks inside ``consume`` may take from it meanwhile."""
+        """Fill ``self._collecting``; rebalance callbacks inside ``consume`` may take from it meanwhile.
+
+        The batch closes at ``batch.max_size``, or once it has waited ``batch.max_wait_ms`` after its first
+        frame (less when ``batch.latency_budget_ms`` leaves no room for waiting: see :meth:`_wait_s`) *and*
+        the model is free. While the batch before is still in the model, a batch closed now would only queue
+        behind it: it keeps collecting instead, and starts the moment the model is free (the batch size
+        follows the load: dynamic batching, as Triton's). Frames arriving meanwhile join this batch rather
+        than the one after it, which would wait a whole model run more."""
         b = self.settings.batch
         self._collecting, self._stash = self._stash, []
-        deadline = time.monotonic() + b.max_wait_ms / 1000 if self._collecting else None
+        deadline = time.monotonic() + self._wait_s() if self._collecting else None
         while len(self._collecting) < b.max_size and not self.stop_event.is_set():
-            timeout = 0.1 if deadline is None else max(0.0, deadline - time.monotonic())
-            got = self.consumer.consume(b.max_size - len(self._collecting), timeout)
+            left = 0.1 if deadline is None else deadline - time.monotonic()
+            got = self.consumer.consume(b.max_size - len(self._collecting), left if left > 0 else BUSY_POLL_S)
+            fetched = wall_ms()
             for m in got:
                 err = m.error()
                 if err is None:
                     if m.topic() not in self.own_topics:  # paused on assignment; never processed
                         self._collecting.append(m)
+                        self._fetched[id(m)] = fetched
+                        if self.overlap:  # decoding overlaps the batch in the model (and the collecting)
+                            raw = to_raw(m)
+                            self._decoding[id(m)] = (raw, self.pipeline.predecode(raw))
                 elif err.code() != KafkaError._PARTITION_EOF:
                     log.warning("kafka.consume_error", error=str(err), topic=m.topic(), partition=m.partition())
             if self._collecting and deadline is None:
-                deadline = time.monotonic() + b.max_wait_ms / 1000
+                deadline = time.monotonic() + self._wait_s()
             if deadline is None:
                 self.last_progress = time.monotonic()  # idle, but polling: alive
                 break  # nothing yet: let the caller check the stop flag
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline and not self._model_busy():
+                break
+            if self._model_slow():  # stalled or slow: the keep-alive in _await takes over (and says so)
                 break
         messages, self._collecting = self._collecting, []
         return messages
+
+    def _model_busy(self) -> bool:
+        """The helper thread is still on the last batch handed to it (only with overlap: without it every
+        batch is finished before the next is collected)."""
+        return self.overlap and bool(self._inflight) and not self._inflight[-1].future.done()
+
+    def _model_slow(self) -> bool:
+        """The model has been on the last batch for longer than a third of ``max.poll.interval.ms``."""
+        patience = self.settings.kafka.max_poll_interval_ms / 3000
+        return self._model_busy() and time.perf_counter() - self._inflight[-1].started > patience
+
+    def _wait_s(self) -> float:
+        """How long a batch may wait for more frames after its first: ``batch.max_wait_ms``, cut so that the
+        first frame's wait plus the model's time for a full batch (measured: :attr:`_frame_cost_s`) stays
+        inside ``batch.latency_budget_ms`` where one is set. Never below zero: an over-budget batch goes at once."""
+        b = self.settings.batch
+        wait = b.max_wait_ms / 1000
+        if b.latency_budget_ms and self._frame_cost_s is not None:
+            wait = min(wait, b.latency_budget_ms / 1000 - self._frame_cost_s * b.max_size)
+        return max(0.0, wait)
+
+    def _close(self, messages: list[Message]) -> tuple[list[RawFrame], dict[int, Future] | None, BatchTimes]:
+        """The batch's frames, the decodes started for them (by position) and its first stamps: when each
+        frame was fetched, and now (the batch closed). Nothing else is in hand between two collections (the
+        stash fills only later), so what was kept per message is dropped here; decodes of frames a
+        revocation took are cancelled."""
+        closed = wall_ms()
+        fetched = {(m.topic(), m.partition(), m.offset()): self._fetched.get(id(m), closed) for m in messages}
+        started = [self._decoding.pop(id(m), None) for m in messages]
+        raws = [s[0] if s else to_raw(m) for s, m in zip(started, messages, strict=True)]
+        predecoded = {i: s[1] for i, s in enumerate(started) if s and s[1]} if self.overlap else None
+        for _, future in self._decoding.values():
+            if future is not None:
+                future.cancel()
+        self._fetched.clear()
+        self._decoding.clear()
+        return raws, predecoded, BatchTimes(fetched=fetched, closed=closed)
 
     def process_once(self) -> int:
         """Collect a batch and start it; finish (deliver, remember, commit) the batch before it.
@@ -338,32 +401,31 @@ class Worker:
         """
         messages = self._collect()
         if messages:
-            raws = [to_raw(m) for m in messages]
-            predecoded = self.pipeline.predecode(raws) if self.overlap else None
+            raws, predecoded, times = self._close(messages)
             offsets = next_offsets(messages) if self.delivery.transactional else None
-            future = self._runner.submit(self._work, raws, predecoded, offsets)
-            self._inflight.append(InFlight(future, messages, time.perf_counter()))
+            future = self._runner.submit(self._work, raws, predecoded, offsets, times)
+            self._inflight.append(InFlight(future, messages, time.perf_counter(), times))
         keep = 1 if messages and self.overlap else 0
         finished = 0
         while len(self._inflight) > keep:
             finished += self._finish_oldest(keepalive=True)
         return len(messages) + finished
 
-    def _work(self, raws: list[RawFrame], predecoded, offsets) -> tuple[BatchResult, int]:
+    def _work(self, raws: list[RawFrame], predecoded, offsets, times: BatchTimes) -> BatchResult:
         """The helper thread's part: pipeline, delivery, cache. Runs batches one at a time, in order."""
         if self._failed.is_set():
             raise BatchSkipped("an earlier batch failed")
         try:
-            result = self.pipeline.process(raws, predecoded)
+            result = self.pipeline.process(raws, predecoded, times)
             if self._failed.is_set():
                 raise BatchSkipped("an earlier batch failed")
             metadata = self.consumer.consumer_group_metadata() if self.delivery.transactional else None
             self.delivery.send(outgoing(result, self.settings.kafka, self.settings.worker_id), offsets, metadata)
             if not self.delivery.transactional:
                 self._failpoint("after_produce")  # delivered, neither remembered nor committed: a crash repeats it
-            delivered_ms = now_ms()
+            result.times.delivered = wall_ms()
             self.pipeline.cache.put_many(result.decisions)
-            return result, delivered_ms
+            return result
         except TransactionAborted:
             raise  # rewound by the loop; the next batch may go on
         except BaseException:
@@ -380,7 +442,7 @@ class Worker:
         self._inflight.popleft()
         batch.finished = True
         try:
-            result, delivered_ms = batch.future.result()  # raises what the helper raised (e.g. DeliveryError)
+            result = batch.future.result()  # raises what the helper raised (e.g. DeliveryError)
         except TransactionAborted as exc:
             rewound = rewind(self.consumer, batch.messages, self.assigned)
             # polled after the batch from the partitions sought back: they come again after the seek
@@ -400,10 +462,15 @@ class Worker:
             raise
         if batch.commit:
             self.delivery.commit(self.consumer, [m for m in batch.messages if _tp(m) in self.assigned])
+            result.times.committed = wall_ms()
         self.stats.producer_restarts = self.delivery.restarts
         self.stats.delivery_retries = self.delivery.retries
         seconds = time.perf_counter() - batch.started
-        self.accounting.batch_done(result, Counter(m.topic() for m in batch.messages), delivered_ms, seconds)
+        if result.classified:
+            cost = (result.decode_s + result.infer_s) / result.classified
+            last = self._frame_cost_s
+            self._frame_cost_s = cost if last is None else (1 - COST_EWMA) * last + COST_EWMA * cost
+        self.accounting.batch_done(result, Counter(m.topic() for m in batch.messages), seconds)
         self.last_progress = time.monotonic()
         return len(batch.messages)
 

@@ -12,7 +12,8 @@ from torchvision.transforms import v2
 
 from sorter.errors import ConfigError
 
-PRESETS = ("none", "light", "belt", "belt-any-angle")
+PRESETS = ("none", "light", "light-erase", "belt", "belt-any-angle")
+MIXES = ("none", "cutmix", "mixup", "both")
 
 
 def train_transform(size: int, preset: str = "belt") -> v2.Transform:
@@ -20,10 +21,11 @@ def train_transform(size: int, preset: str = "belt") -> v2.Transform:
         raise ConfigError(f"augmentation preset must be one of {PRESETS}, got {preset!r}")
     if preset == "none":
         return v2.Identity()
-    if preset == "light":
-        return v2.Compose(
-            [v2.RandomHorizontalFlip(), v2.RandomApply([v2.RandomAffine(degrees=0, translate=(0.06, 0.06))], p=0.5)]
-        )
+    if preset in ("light", "light-erase"):
+        light = [v2.RandomHorizontalFlip(), v2.RandomApply([v2.RandomAffine(degrees=0, translate=(0.06, 0.06))], p=0.5)]
+        if preset == "light-erase":  # a guard or a neighbour hiding part of the item
+            light.append(v2.RandomErasing(p=0.5, scale=(0.02, 0.2), value=0))
+        return v2.Compose(light)
     degrees = 180 if preset == "belt-any-angle" else 20
     return v2.Compose(
         [
@@ -35,3 +37,17 @@ def train_transform(size: int, preset: str = "belt") -> v2.Transform:
             v2.RandomErasing(p=0.25, scale=(0.02, 0.12), value=0),
         ]
     )
+
+
+def batch_mixer(mix: str, num_classes: int) -> v2.Transform | None:
+    """Mixes a batch (images, labels) into (images, soft labels): CutMix pastes a box of one photo into
+    another, MixUp blends two; "both" picks one per batch. None: no mixing."""
+    if mix not in MIXES:
+        raise ConfigError(f"--mix must be one of {', '.join(MIXES)}, got {mix!r}")
+    if mix == "none":
+        return None
+    if mix == "cutmix":
+        return v2.CutMix(num_classes=num_classes)
+    if mix == "mixup":
+        return v2.MixUp(num_classes=num_classes, alpha=0.2)
+    return v2.RandomChoice([v2.CutMix(num_classes=num_classes), v2.MixUp(num_classes=num_classes, alpha=0.2)])

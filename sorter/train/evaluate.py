@@ -19,7 +19,7 @@ from sorter.errors import DatasetError
 from sorter.model.checkpoint import load_checkpoint
 from sorter.model.classifier import AttentionClassifier
 from sorter.model.preprocess import Normalizer
-from sorter.model.runtime import Runtime, make_runtime
+from sorter.model.runtime import Runtime, make_runtime, settle_precision
 from sorter.progress import progress_bar
 from sorter.train.metrics import Evaluation, evaluate_predictions
 
@@ -105,6 +105,7 @@ def evaluate_folder(
     model, meta = load_checkpoint(checkpoint, runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    runtime, _ = settle_precision(runtime, precision, model, meta.image_size)  # as the worker serves it
     root = evaluation_root(data_dir)
     classes, samples = scan(root, meta.classes)
     skipped = 0

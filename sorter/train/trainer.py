@@ -36,9 +36,9 @@ from sorter.model.backbones import IMAGENET_MEAN, IMAGENET_STD
 from sorter.model.checkpoint import ModelMeta, save_checkpoint
 from sorter.model.classifier import AttentionClassifier, build_classifier
 from sorter.model.preprocess import Normalizer
-from sorter.model.runtime import Runtime, make_runtime
+from sorter.model.runtime import Runtime, make_runtime, settle_precision
 from sorter.progress import make_progress, progress_bar
-from sorter.train.augment import train_transform
+from sorter.train.augment import batch_mixer, train_transform
 from sorter.train.calibrate import fit_temperature
 from sorter.train.evaluate import gate_spread, predict, predict_logits
 from sorter.train.metrics import Evaluation, evaluate_predictions
@@ -51,6 +51,17 @@ log = get_logger("sorter.train")
 # training photos (4,000 photos, batch 32: 1,455 steps, 12 epochs; 48,000: 3 epochs; 100: the 300-step
 # floor), 15% of them with the backbone frozen.
 STEPS_PER_SQRT_PHOTO, MIN_STEPS, MAX_STEPS, HEAD_SHARE = 23, 300, 20_000, 0.15
+
+# The defaults before issue #14 (what a newcomer got), kept for the benchmarks' comparisons.
+OLD_RECIPE = {
+    "augment": "belt",
+    "bn": "train",
+    "ema": 0.0,
+    "lr_finetune": 1e-4,
+    "pool": "mean",
+    "epochs": 10,
+    "head_epochs": 4,
+}
 
 
 @dataclass
@@ -85,16 +96,18 @@ class TrainConfig:
     bn: str = "auto"
     ema: float = 0.995  # weight EMA decay per step (0: off)
     dropout: float = 0.2
+    mix: str = "none"  # batch mixing: none, cutmix, mixup or both (augment.batch_mixer)
     pool: str = "attention"  # A-weighted average: the gate redistributes weight (classifier.py); or "mean"
 
     def __post_init__(self) -> None:
         from sorter.errors import ConfigError
-        from sorter.train.augment import PRESETS
+        from sorter.train.augment import MIXES, PRESETS
 
         for name, value, allowed in (
             ("augment", self.augment, PRESETS),
             ("bn", self.bn, ("auto", "frozen", "train")),
             ("pool", self.pool, ("attention", "mean")),
+            ("mix", self.mix, MIXES),
         ):
             if value not in allowed:
                 raise ConfigError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
@@ -204,10 +217,20 @@ class Trainer:
         self.model.to(self.runtime.device)
         if self.runtime.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        self.runtime, self.precision_probe = settle_precision(
+            self.runtime, config.precision, self.model, config.image_size
+        )
+        if self.precision_probe:
+            log.info(
+                "model.precision_chosen",
+                precision=self.runtime.precision,
+                images_per_s={k: round(v, 1) for k, v in self.precision_probe.items()},
+            )
         self.normalizer = Normalizer(
             IMAGENET_MEAN, IMAGENET_STD, self.runtime.device, channels_last=self.runtime.channels_last
         )
         self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        self.mixer = batch_mixer(config.mix, len(splits.classes))
         self.ema = (
             torch.optim.swa_utils.AveragedModel(self.model, avg_fn=_ema_with_warmup(config.ema), use_buffers=True)
             if config.ema
@@ -284,9 +307,12 @@ class Trainer:
                 for images, targets in train_loader:
                     targets = targets.to(self.runtime.device, non_blocking=True)
                     x = self.normalizer(images, nhwc=False)
+                    soft = targets
+                    if self.mixer is not None and x.shape[0] > 1:
+                        x, soft = self.mixer(x, targets)
                     with self.runtime.autocast():
                         logits = self.model(x)
-                    loss = self.criterion(logits.float(), targets)
+                    loss = self.criterion(logits.float(), soft)
                     optimizer.zero_grad(set_to_none=True)
                     self.scaler.scale(loss).backward()
                     self.scaler.step(optimizer)
@@ -295,7 +321,8 @@ class Trainer:
                     if self.ema is not None:
                         self.ema.update_parameters(self.model)
                     loss_sum += loss.item() * targets.shape[0]
-                    correct += int((logits.argmax(1) == targets).sum())
+                    hard = soft.argmax(1) if soft.dim() == 2 else soft  # mixed: the label that dominates
+                    correct += int((logits.argmax(1) == hard).sum())
                     seen += targets.shape[0]
                     progress.update(task, advance=1, info=f"loss {loss_sum / seen:.3f}")
                 val = self._validate(val_loader)

@@ -30,6 +30,12 @@ def test_the_benchmark_measures_every_stage_and_reports_ratios(bootstrap, redis_
     assert r["e2e"]["frames"] == 64 and r["paced"]["routed"] == r["paced"]["sent"] > 0
     assert r["e2e_over_ceiling"] == pytest.approx(r["e2e_fps"] / r["ceiling_fps"], rel=0.01)
     assert r["p99_ms_at_70pct"] == r["paced"]["latency"]["p99_ms"] > 0
+    stages = r["paced"]["latency_breakdown"]
+    assert {"broker", "collect", "infer", "deliver", "commit"} <= set(stages)
+    # the stages up to delivery account for the latency: their means add up to the mean latency
+    assert all(v["p99_ms"] >= v["p50_ms"] >= 0 for v in stages.values())
+    to_actuator = sum(v["mean_ms"] for stage, v in stages.items() if stage != "commit")
+    assert to_actuator == pytest.approx(r["paced"]["latency"]["mean_ms"], abs=0.1 * len(stages))
     assert {row["overlap"] for row in r["ceiling"]["rows"]} == {False, True}
     png = plot(r, tmp_path / "bench.png")
     assert png.stat().st_size > 10_000
