@@ -185,13 +185,10 @@ class Pipeline:
             self._reuse(result, known[item_id], views, decided_at)
 
         started = time.perf_counter()  # with predecoding: the time spent waiting for the decoders
+        size = self.model.input_size  # what the loop did not start decoding, starts now
         started_early = [predecoded.get(position[id(f.raw)]) if predecoded else None for f in fresh]
-        if not any(started_early):
-            decoded = self.decoder.decode([f.payload for f in fresh], self.model.input_size)
-        else:
-            size = self.model.input_size
-            futures = [fut or self.decoder.submit(f.payload, size) for f, fut in zip(fresh, started_early, strict=True)]
-            decoded = [fut.result() for fut in futures]
+        futures = [fut or self.decoder.submit(f.payload, size) for f, fut in zip(fresh, started_early, strict=True)]
+        decoded = [fut.result() for fut in futures]
         result.decode_s = time.perf_counter() - started
         result.times.decoded = wall_ms()
         ok: list[tuple[Frame, np.ndarray]] = []
