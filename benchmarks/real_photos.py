@@ -41,6 +41,10 @@ VARIANTS: dict[str, dict] = {
     "erase-mix-both": {"augment": "light-erase", "mix": "both"},
     "mix-both-val10": {"mix": "both", "val_fraction": 0.1},
     "val10": {"val_fraction": 0.1},
+    # measured before they became the defaults (mix auto -> both, 35 x sqrt(photos) steps = 18 epochs here)
+    "mix-both-18ep": {"mix": "both", "epochs": 18},
+    "mix-both-val10-18ep": {"mix": "both", "val_fraction": 0.1, "epochs": 18},
+    "defaults-before-mixing": {"mix": "none", "epochs": 12},  # the defaults until mixing: 23 x sqrt(photos)
     "wd-0.05": {"weight_decay": 0.05},
     "old-recipe": OLD_RECIPE,
 }

@@ -134,7 +134,9 @@ def train(
     augment: Annotated[
         str, typer.Option(help="none, light, light-erase, belt or belt-any-angle (see README)")
     ] = "light",
-    mix: Annotated[str, typer.Option(help="batch mixing: none, cutmix, mixup or both (see README)")] = "none",
+    mix: Annotated[
+        str, typer.Option(help="batch mixing: auto (both on runs of 1,000+ steps), none, cutmix, mixup, both")
+    ] = "auto",
     ema: Annotated[float, typer.Option(help="weight EMA decay per step; 0 turns it off")] = 0.995,
     seed: Annotated[int, typer.Option()] = 0,
     patience: Annotated[int, typer.Option(help="early-stopping patience, epochs")] = 3,
@@ -226,7 +228,7 @@ def evaluate(
         console.print(f"{score.skipped_seen} photos of {root} left out: they trained or tuned this model")
     console.print(
         f"accuracy {evaluation.accuracy:.4f}  macro-F1 {evaluation.macro_f1:.4f}  "
-        f"ECE {evaluation.ece:.4f}  confusion matrix: {png}"
+        f"ECE {evaluation.ece:.4f}  ({score.precision})  confusion matrix: {png}"
     )
     s = rc["suggested_min_confidence"]
     console.print(
@@ -237,8 +239,41 @@ def evaluate(
     console.print(f"risk-coverage: {rc_png} (and .json)")
     if as_json:
         summary = evaluation.summary() | {"confusion_png": str(png), "skipped_seen": score.skipped_seen}
+        summary |= {"precision": score.precision}
         summary |= {"suggested_min_confidence": s, "risk_coverage_png": str(rc_png)}
         print_json(summary)
+
+
+@app.command(rich_help_panel=MODEL, epilog=example("sorter quantize model.pt data --out model.int8.pt"))
+def quantize(
+    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="a trained checkpoint")],
+    data_dir: Annotated[
+        Path, typer.Argument(metavar="DATA", help="its ImageFolder tree: train/ calibrates, test/ checks")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="checkpoint to write, with the int8 model inside")],
+    photos: Annotated[int, typer.Option(help="calibration photos drawn from DATA/train")] = 300,
+    max_drop: Annotated[
+        float, typer.Option(help="accuracy points int8 may lose on DATA/test; more refuses to write")
+    ] = 0.5,
+    include_seen: Annotated[
+        bool, typer.Option(help="also score photos that trained or tuned the model (optimistic)", metavar="")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """An int8 copy of the model for CPUs (OpenVINO), calibrated on its training photos and checked on
+    held-out ones; the worker serves it with --precision int8, or with auto where it measures faster."""
+    from sorter.train.quantize import QuantizeConfig, quantize_checkpoint
+
+    cfg = QuantizeConfig(photos=photos, max_drop=max_drop / 100, include_seen=include_seen)
+    report = quantize_checkpoint(checkpoint, data_dir, out, cfg)
+    console = Console(stderr=as_json)
+    console.print(
+        f"int8 {report['int8_accuracy']:.4f} vs fp32 {report['fp32_accuracy']:.4f} on {report['scored_photos']} "
+        f"photos of {report['scored_root']} (drop {100 * report['drop']:.2f} points, {100 * report['agreement']:.1f}% "
+        f"same label); written: {out}"
+    )
+    if as_json:
+        print_json(report | {"out": str(out)})
 
 
 @app.command(
@@ -394,7 +429,9 @@ def bench(
     frames: Annotated[int, typer.Option(help="frames per measurement")] = 600,
     checkpoint: Annotated[Path | None, typer.Option(help="a real checkpoint (default: random weights)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda")] = "auto",
-    precision: Annotated[str, typer.Option(help="auto, fp32, bf16, fp16")] = "auto",
+    precision: Annotated[
+        str, typer.Option(help="auto, fp32, bf16, fp16, int8 (OpenVINO, calibrated on the bench photos)")
+    ] = "auto",
     compile: Annotated[
         bool, typer.Option("--compile/--no-compile", help="torch.compile the model", metavar="")
     ] = False,
@@ -408,6 +445,10 @@ def bench(
     max_wait_ms: Annotated[
         int | None, typer.Option(help="the worker's batch.max_wait_ms (default: the setting's default)")
     ] = None,
+    latency_budget_ms: Annotated[int, typer.Option(help="the worker's batch.latency_budget_ms (0: off)")] = 0,
+    paced_fraction: Annotated[
+        float, typer.Option(help="the paced run's rate, as a share of the end-to-end rate", min=0.01, max=1.0)
+    ] = 0.7,
     decode_threads: Annotated[int | None, typer.Option(help="decode pool size (default: cores, max 8)")] = None,
     bootstrap_servers: Annotated[str | None, typer.Option(help="use this broker (default: start Tansu)")] = None,
     redis_url: Annotated[str | None, typer.Option(help="use this Redis (default: start one)")] = None,
@@ -431,6 +472,8 @@ def bench(
         naive_frames=naive_frames,
         paced_seconds=paced_seconds,
         max_wait_ms=max_wait_ms,
+        latency_budget_ms=latency_budget_ms,
+        paced_fraction=paced_fraction,
         decode_threads=decode_threads,
         bootstrap=bootstrap_servers,
         redis_url=redis_url,

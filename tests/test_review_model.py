@@ -37,7 +37,7 @@ def test_the_precision_probe_does_not_draw_from_the_global_rng():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
     torch.manual_seed(0)
     before = torch.get_rng_state()
-    rt.probe_cpu_precision(model, 32, batch=2, repeats=1)
+    rt.probe_cpu_precision(model, 32, batch=2)
     assert torch.equal(before, torch.get_rng_state())
 
 
@@ -45,7 +45,7 @@ def test_auto_precision_that_settles_on_fp32_trains_like_fp32_with_the_same_seed
     """On a bf16 CPU, `--precision auto` that measures fp32 faster must give the run `--precision fp32` gives
     with the same seed. It does not: the probe's torch.rand shifts every later random draw."""
     monkeypatch.setattr(rt, "cpu_has_fast_bf16", lambda: True)
-    ticks = iter([0.0, 1.0, 0.0, 100.0])  # fp32 timed faster than bf16: auto settles on fp32
+    ticks = iter([0.0, 1.0, 0.0, 100.0] * 3)  # each round fp32 timed faster than bf16: auto settles on fp32
     monkeypatch.setattr(rt, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
     splits = load_splits(synth_tree)
 

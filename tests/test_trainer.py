@@ -39,10 +39,26 @@ def test_phase_split():
 def test_the_schedule_follows_the_dataset_size_not_a_fixed_epoch_count():
     from sorter.train.trainer import auto_epochs
 
-    assert auto_epochs(4_000, 32) == 12  # 1,455 steps: the 500-photos-per-class protocol
-    assert auto_epochs(48_000, 32) == 3  # the full Fashion-MNIST training set
-    assert auto_epochs(96, 32) == 100  # a tiny set still gets its 300 steps
-    assert _config(batch_size=32).phase_epochs(4_000) == (2, 10)
+    assert auto_epochs(4_000, 32) == 18  # 2,214 steps: the 500-photos-per-class protocol
+    assert auto_epochs(48_000, 32) == 5  # the full Fashion-MNIST training set
+    assert auto_epochs(96, 32) == 114  # 343 steps: a tiny set still gets more than the 300-step floor
+    assert auto_epochs(40, 32) == 300  # the floor: 300 steps of the one full batch (the rest is dropped)
+    assert _config(batch_size=32).phase_epochs(4_000) == (3, 15)
+
+
+def test_mixing_is_on_for_long_runs_and_off_for_short_ones_unless_chosen():
+    """CutMix/MixUp paid on Fashion-MNIST's 2,214-step run and only slows a short one: "auto" decides by
+    the run's optimisation steps; an explicit choice stands either way."""
+    from sorter.train.trainer import MIX_MIN_STEPS, steps_per_epoch
+
+    assert _config(batch_size=32).resolved_mix(4_000) == "both"  # 18 epochs x 125 steps
+    assert _config(batch_size=32, epochs=4).resolved_mix(4_000) == "none"  # 500 steps
+    assert _config(batch_size=32).resolved_mix(96) == "none"  # 342 steps
+    assert _config(batch_size=32, mix="none").resolved_mix(4_000) == "none"
+    assert _config(batch_size=32, mix="cutmix").resolved_mix(96) == "cutmix"
+    assert MIX_MIN_STEPS == 1_000
+    # steps counted as the loader runs them (a last partial batch dropped), not rounded up
+    assert (steps_per_epoch(4_000, 32), steps_per_epoch(97, 32), steps_per_epoch(20, 32)) == (125, 3, 1)
 
 
 @pytest.mark.slow

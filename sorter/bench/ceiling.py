@@ -71,7 +71,7 @@ def ceiling(cfg: BenchConfig, frames: Frames, checkpoint: Path) -> dict:
         "rows": rows,
         "decode_ms_one_thread": round(decode_one_ms, 3),
         "device": str(model.runtime.device),
-        "precision": model.runtime.precision,
+        "precision": model.precision,
         "channels_last": model.runtime.channels_last,
         "compiled": model.buckets is not None,
         "compile_s": round(model.compile_s, 1),

@@ -26,6 +26,7 @@ class BenchConfig:
     delivery: str = "at-least-once"
     batch_sizes: tuple[int, ...] = (8, 16, 32)
     max_wait_ms: int | None = None  # the worker's batch.max_wait_ms; None: the setting's default
+    latency_budget_ms: int = 0  # the worker's batch.latency_budget_ms (0: off, the default)
     naive_frames: int = 100
     paced_seconds: float = 20.0
     paced_fraction: float = 0.7
@@ -58,7 +59,10 @@ def make_frames(n_distinct: int, seed: int = 7) -> Frames:
     return Frames(photos)
 
 
-def make_checkpoint(cfg: BenchConfig, folder: Path) -> Path:
+def make_checkpoint(cfg: BenchConfig, folder: Path, frames: Frames | None = None) -> Path:
+    """The bench's model: ``cfg.checkpoint``, or an untrained one of ``cfg.backbone`` (speed does not depend
+    on the weights). With precision int8 it gets an int8 copy calibrated on ``frames``' photos (an untrained
+    model has no accuracy to check: ``sorter quantize`` does that for real models)."""
     if cfg.checkpoint is not None:
         return cfg.checkpoint
     from sorter.data.synth import catalog
@@ -78,7 +82,18 @@ def make_checkpoint(cfg: BenchConfig, folder: Path) -> Path:
         model_version=f"bench-{cfg.backbone}-{cfg.image_size}",
     )
     path = folder / "bench.pt"
-    save_checkpoint(path, model, meta)
+    blob, report = None, None
+    if cfg.precision == "int8" and frames is not None:
+        import torch
+
+        from sorter.model import int8
+        from sorter.model.preprocess import Normalizer, load_for_model
+
+        normalizer = Normalizer(meta.mean, meta.std, torch.device("cpu"))
+        pixels = torch.from_numpy(np.stack([load_for_model(p, cfg.image_size) for p in frames.photos]))
+        blob = int8.quantize(model, [normalizer(pixels)], cfg.image_size)
+        report = {"calibration_photos": len(frames.photos), "bench": True}
+    save_checkpoint(path, model, meta, int8=blob, int8_report=report)
     return path
 
 

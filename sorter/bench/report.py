@@ -37,7 +37,13 @@ def save(result: dict, cfg, folder: Path) -> tuple[Path, Path]:
     import json
 
     tag = f"{cfg.backbone}-{cfg.image_size}-{'gpu' if result['machine']['gpu'] else 'cpu'}"
-    tag += ("-compiled" if cfg.compile else "") + ("-eos" if cfg.delivery == "exactly-once" else "")
+    tag += (
+        ("-compiled" if cfg.compile else "")
+        + ("-int8" if cfg.precision == "int8" else "")
+        + ("-eos" if cfg.delivery == "exactly-once" else "")
+    )
+    tag += f"-paced{round(100 * cfg.paced_fraction)}" if cfg.paced_fraction != 0.7 else ""
+    tag += f"-budget{cfg.latency_budget_ms}" if cfg.latency_budget_ms else ""
     folder.mkdir(parents=True, exist_ok=True)
     data = folder / f"bench-{tag}.json"
     data.write_text(json.dumps(result, indent=1) + "\n")
@@ -58,7 +64,8 @@ def plot(result: dict, path: Path) -> Path:
     a.set_ylabel("frames/s (log)")
     a.bar_label(bars, fmt="%.0f")
     a.set_title(
-        f"{result['config']['backbone']} {result['config']['image_size']} px, {result['machine']['gpu'] or 'CPU'}"
+        f"{result['config']['backbone']} {result['config']['image_size']} px, {result['ceiling']['precision']}, "
+        f"{result['machine']['gpu'] or 'CPU'}"
     )
     e = result["e2e"]
     stages = {"decode wait": e["decode_wait_ms_per_frame"], "model": e["infer_ms_per_frame"],
@@ -77,7 +84,8 @@ def plot(result: dict, path: Path) -> Path:
     c.axvline(100, color="#c33", ls="--", lw=1, label="target p99 100 ms")
     c.invert_yaxis()
     c.set_xlabel("ms per item, captured-at to command delivered")
-    c.set_title(f"per item at 70% load ({result['paced']['rate']:.0f} frames/s)")
+    fraction = result["config"].get("paced_fraction", 0.7)
+    c.set_title(f"per item at {fraction:.0%} load ({result['paced']['rate']:.0f} frames/s)")
     c.legend(loc="center right", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

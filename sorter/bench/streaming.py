@@ -93,6 +93,7 @@ def _settings(cfg: BenchConfig, bootstrap: str, redis_url: str, checkpoint: Path
             "max_size": batch,
             "decode_threads": decode_threads_for(cfg),
             "overlap": cfg.overlap,
+            "latency_budget_ms": cfg.latency_budget_ms,
         }
         | ({"max_wait_ms": cfg.max_wait_ms} if cfg.max_wait_ms is not None else {}),
         observe={"enabled": False},

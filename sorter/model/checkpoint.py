@@ -5,7 +5,12 @@ File layout (a ``torch.save`` of plain containers, so it loads with ``weights_on
     {"format": "sorter-checkpoint", "format_version": 1,
      "meta": {... ModelMeta as JSON-compatible types ...},
      "state_dict": {name: tensor},
-     "sha256": hex digest over meta + every tensor's name, dtype, shape and bytes}
+     "sha256": hex digest over meta + every tensor's name, dtype, shape and bytes,
+     "int8": {...}}   # optional, ``sorter quantize``: the OpenVINO int8 model ("xml", "bin": uint8 tensors),
+                      # its report ("report": JSON text) and a digest over those and the "sha256" above
+
+The int8 section stands beside the rest and changes nothing in it: a sorter that does not know it
+reads, verifies and serves the fp32 weights as before (rolling a fleet back keeps working).
 
 Loading refuses, with a message that says what to fix: a file that is not there, truncated or not a
 torch file; one that would need pickled code; another format or version; a digest that does not
@@ -20,7 +25,7 @@ import json
 import os
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -86,18 +91,47 @@ class ModelMeta(BaseModel):
         return len(self.classes)
 
 
+class Checkpoint(NamedTuple):
+    """A checkpoint as read and verified: metadata, weights, and the int8 model with its report when it
+    has one (``int8``: {"xml", "bin"} uint8 tensors for :class:`sorter.model.int8.Int8Model`)."""
+
+    meta: ModelMeta
+    state: dict[str, torch.Tensor]
+    int8: dict[str, torch.Tensor] | None = None
+    int8_report: dict[str, Any] | None = None
+    int8_problem: str | None = None  # an int8 section that cannot be used, and why: only int8 needs it
+
+
 def _digest(meta: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     h.update(json.dumps(meta, sort_keys=True).encode())
-    for name in sorted(state_dict):
-        tensor = state_dict[name].detach().cpu().contiguous()
-        h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        h.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    _hash_tensors(h, state_dict)
     return h.hexdigest()
 
 
-def save_checkpoint(path: Path, model: AttentionClassifier, meta: ModelMeta) -> None:
-    """Write atomically (temp file + rename): a reader never sees half a checkpoint."""
+def _hash_tensors(h: Any, tensors: dict[str, torch.Tensor]) -> None:
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        h.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+
+
+def _int8_digest(main_digest: str, report: str, model: dict[str, torch.Tensor]) -> str:
+    """Binds the int8 model and its report to the fp32 checkpoint it was made from."""
+    h = hashlib.sha256(f"{main_digest}|{report}|".encode())
+    _hash_tensors(h, model)
+    return h.hexdigest()
+
+
+def save_checkpoint(
+    path: Path,
+    model: AttentionClassifier,
+    meta: ModelMeta,
+    int8: dict[str, torch.Tensor] | None = None,
+    int8_report: dict[str, Any] | None = None,
+) -> None:
+    """Write atomically (temp file + rename): a reader never sees half a checkpoint. ``int8``: the
+    quantised copy (:func:`sorter.model.int8.quantize`) and ``int8_report``, how it was made and checked."""
     state = {
         k: v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()
         for k, v in model.state_dict().items()
@@ -110,13 +144,17 @@ def save_checkpoint(path: Path, model: AttentionClassifier, meta: ModelMeta) -> 
         "state_dict": state,
         "sha256": _digest(meta_json, state),
     }
+    if int8 is not None:
+        report = json.dumps(int8_report or {}, sort_keys=True)
+        model8 = {"xml": int8["xml"], "bin": int8["bin"]}
+        payload["int8"] = model8 | {"report": report, "sha256": _int8_digest(payload["sha256"], report, model8)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)
 
 
-def read_checkpoint(path: Path) -> tuple[ModelMeta, dict[str, torch.Tensor]]:
+def read_checkpoint(path: Path) -> Checkpoint:
     """Read and verify a checkpoint file, without building a model."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; train one with `sorter train DATA --out {path}`")
@@ -141,15 +179,42 @@ def read_checkpoint(path: Path) -> tuple[ModelMeta, dict[str, torch.Tensor]]:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors())
         raise CheckpointError(f"checkpoint {path} has invalid metadata ({problems})") from None
-    return meta, state
+    try:
+        int8, report = _read_int8(path, payload)
+    except CheckpointError as exc:  # the fp32 weights verified: they serve; only precision int8 stops on it
+        return Checkpoint(meta, state, int8_problem=str(exc))
+    return Checkpoint(meta, state, int8, report)
+
+
+def _read_int8(path: Path, payload: dict) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any] | None]:
+    section = payload.get("int8")
+    if section is None:
+        return None, None
+    redo = "quantise it again with `sorter quantize`, or serve --precision fp32"
+    model = {k: section.get(k) for k in ("xml", "bin")} if isinstance(section, dict) else {}
+    report = section.get("report") if isinstance(section, dict) else None
+    if not all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in model.values()) or not model:
+        raise CheckpointError(f"checkpoint {path} has a malformed int8 section: {redo}")
+    if not isinstance(report, str) or section.get("sha256") != _int8_digest(payload["sha256"], report, model):
+        raise CheckpointError(
+            f"checkpoint {path}'s int8 model fails its integrity check (changed after it was written, or made "
+            f"from other weights): {redo}"
+        )
+    try:
+        parsed = json.loads(report)
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise CheckpointError(f"checkpoint {path}'s int8 report is not a JSON object: {redo}")
+    return model, parsed
 
 
 def load_checkpoint(
-    path: Path, device: torch.device | str = "cpu", read: tuple[ModelMeta, dict[str, torch.Tensor]] | None = None
+    path: Path, device: torch.device | str = "cpu", read: Checkpoint | None = None
 ) -> tuple[AttentionClassifier, ModelMeta]:
     """A verified checkpoint -> an ``eval()`` model on ``device`` and its metadata (``read``: what
     :func:`read_checkpoint` returned for ``path`` already, so the file is read and verified once)."""
-    meta, state = read if read is not None else read_checkpoint(path)
+    meta, state = (read if read is not None else read_checkpoint(path))[:2]
     model, _ = build_classifier(
         meta.backbone, meta.num_classes, pretrained=False, attention=meta.attention, pool=meta.pool
     )

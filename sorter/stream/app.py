@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from sorter.errors import ConfigError
 from sorter.limits import check_memory
 from sorter.logs import bound_context, get_logger
-from sorter.model.checkpoint import read_checkpoint
+from sorter.model.checkpoint import Checkpoint, read_checkpoint
+from sorter.model.int8 import check_int8
 from sorter.model.runtime import make_runtime
 from sorter.settings import Settings
 from sorter.stream.cache import DecisionCache, NoCache, RedisDecisionCache
@@ -45,7 +46,7 @@ class Checked:
     """What :func:`preflight` read: the routing table and the checkpoint (verified), used as they are."""
 
     routes: RoutingTable
-    checkpoint: tuple  # (ModelMeta, state dict): the model is built from these bytes, not from a second read
+    checkpoint: Checkpoint  # the model is built from these bytes, not from a second read
 
 
 def preflight(settings: Settings) -> Checked:
@@ -55,11 +56,12 @@ def preflight(settings: Settings) -> Checked:
     The model is later built from the checkpoint read here: a file replaced meanwhile is not served
     with routes that were never checked against it."""
     _required_files(settings)
-    meta, state = read_checkpoint(settings.model.checkpoint)  # a missing file: one line, how to make it
+    checkpoint = read_checkpoint(settings.model.checkpoint)  # a missing file: one line, how to make it
     routes = load_routing_table(settings.routes)
-    check_routes(routes, meta.classes, meta.skus, strict=settings.strict_routes)
+    check_routes(routes, checkpoint.meta.classes, checkpoint.meta.skus, strict=settings.strict_routes)
     make_runtime(settings.model.device, settings.model.precision)
-    return Checked(routes, (meta, state))
+    check_int8(checkpoint, settings.model.checkpoint, settings.model.precision)
+    return Checked(routes, checkpoint)
 
 
 def build_pipeline(settings: Settings, checked: Checked | None = None) -> Pipeline:
@@ -83,7 +85,7 @@ def build_pipeline(settings: Settings, checked: Checked | None = None) -> Pipeli
         backbone=model.meta.backbone,
         classes=model.meta.num_classes,
         device=str(model.runtime.device),
-        precision=model.runtime.precision,
+        precision=model.precision,
         compiled=model.buckets is not None,
         compile_s=round(model.compile_s, 1),
     )
@@ -145,6 +147,6 @@ def _build_worker(settings: Settings, *, create_topics: bool = True, **kwargs) -
         classes=str(model.meta.num_classes),
         image_size=str(model.input_size),
         device=str(model.runtime.device),
-        precision=model.runtime.precision,
+        precision=model.precision,
     ).set(1)
     return worker

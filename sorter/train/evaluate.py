@@ -14,9 +14,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from sorter.data.folder import DecodedImages, photo_digest, scan
+from sorter.data.folder import DecodedImages, Sample, photo_digest, scan
 from sorter.errors import DatasetError
-from sorter.model.checkpoint import load_checkpoint
+from sorter.model import int8
+from sorter.model.checkpoint import ModelMeta, load_checkpoint, read_checkpoint
 from sorter.model.classifier import AttentionClassifier
 from sorter.model.preprocess import Normalizer
 from sorter.model.runtime import Runtime, make_runtime, settle_precision
@@ -90,6 +91,7 @@ class FolderScore:
     probs: np.ndarray
     labels: np.ndarray
     skipped_seen: int  # photos left out because they trained or tuned the model
+    precision: str = "fp32"  # what scored them: the worker's choice on this machine (int8, fp32, bf16, ...)
 
 
 def evaluate_folder(
@@ -102,27 +104,45 @@ def evaluate_folder(
     include_seen: bool = False,
 ) -> FolderScore:
     runtime = make_runtime(device, precision)
-    model, meta = load_checkpoint(checkpoint, runtime.device)
+    read = read_checkpoint(checkpoint)
+    int8.check_int8(read, checkpoint, precision)
+    model, meta = load_checkpoint(checkpoint, runtime.device, read)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     runtime, _ = settle_precision(runtime, precision, model, meta.image_size)  # as the worker serves it
+
+    def torch_forward(x: torch.Tensor) -> torch.Tensor:
+        with runtime.autocast():
+            return model(x.contiguous(memory_format=torch.channels_last))
+
+    quantised, _ = int8.choose(read, precision, runtime.device, torch_forward, meta.image_size)
     root = evaluation_root(data_dir)
-    classes, samples = scan(root, meta.classes)
-    skipped = 0
-    if meta.seen and not include_seen:
-        seen = set(meta.seen)
-        unseen = [s for s in samples if photo_digest(s.path) not in seen]
-        skipped = len(samples) - len(unseen)
-        if not unseen:
-            raise DatasetError(
-                f"all {len(samples)} photos in {root} trained or tuned this model (its train, validation or "
-                "calibration split): scoring them would overstate its accuracy. Score photos it never saw, or "
-                "pass --include-seen to score them anyway"
-            )
-        samples = unseen
-    with progress_bar(len(samples), f"decoding {root.name}") as advance:
-        dataset = DecodedImages(samples, meta.image_size, progress=advance)
-    loader = DataLoader(dataset, batch_size=batch_size)
+    classes, samples, skipped = unseen_samples(root, meta, include_seen)
+    loader = decoded_loader(samples, meta.image_size, batch_size, f"decoding {root.name}")
     normalizer = Normalizer(meta.mean, meta.std, runtime.device, channels_last=runtime.channels_last)
-    probs, labels = predict(model, loader, runtime, normalizer)
-    return FolderScore(evaluate_predictions(probs, labels, classes), classes, root, probs, labels, skipped)
+    probs, labels = predict(quantised or model, loader, runtime, normalizer)
+    precision = "int8" if quantised is not None else runtime.precision
+    return FolderScore(evaluate_predictions(probs, labels, classes), classes, root, probs, labels, skipped, precision)
+
+
+def unseen_samples(root: Path, meta: ModelMeta, include_seen: bool = False) -> tuple[list[str], list[Sample], int]:
+    """The classes and photos under ``root`` that ``meta``'s model never trained or tuned on (all of
+    them with ``include_seen``), and how many were left out."""
+    classes, samples = scan(root, meta.classes)
+    if not meta.seen or include_seen:
+        return classes, samples, 0
+    seen = set(meta.seen)
+    unseen = [s for s in samples if photo_digest(s.path) not in seen]
+    if not unseen:
+        raise DatasetError(
+            f"all {len(samples)} photos in {root} trained or tuned this model (its train, validation or "
+            "calibration split): scoring them would overstate its accuracy. Score photos it never saw, or "
+            "pass --include-seen to score them anyway"
+        )
+    return classes, unseen, len(samples) - len(unseen)
+
+
+def decoded_loader(samples: list[Sample], size: int, batch_size: int, label: str) -> DataLoader:
+    with progress_bar(len(samples), label) as advance:
+        dataset = DecodedImages(samples, size, progress=advance)
+    return DataLoader(dataset, batch_size=batch_size)
