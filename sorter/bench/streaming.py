@@ -46,11 +46,22 @@ def _preload(bootstrap: str, prefix: str, frames: Frames, n: int) -> None:
 
 
 def _paced_producer(bootstrap: str, prefix: str, photos: list[bytes], rate: float, seconds: float, q) -> None:
-    """Runs in its own process: publishes at ``rate`` frames/s with captured-at stamped at send time."""
+    """Runs in its own process: publishes at ``rate`` frames/s with captured-at stamped at send time, and
+    reports what the broker acknowledged (a frame produced is not a frame the worker can read)."""
     from confluent_kafka import Producer
 
     p = Producer(kafka_config(KafkaSettings(bootstrap_servers=bootstrap), {"linger.ms": 0}))
     started = time.perf_counter()
+    acked: list[float] = []  # seconds after the start of each acknowledgement (the last one matters)
+    failed: list[tuple[float, str]] = []
+
+    def delivered(err, _msg) -> None:
+        (
+            failed.append((time.perf_counter() - started, str(err)))
+            if err
+            else acked.append(time.perf_counter() - started)
+        )
+
     i = 0
     while True:
         due = started + i / rate
@@ -61,11 +72,24 @@ def _paced_producer(bootstrap: str, prefix: str, photos: list[bytes], rate: floa
             time.sleep(due - now)
         station = STATIONS[i % len(STATIONS)]
         item = f"{prefix}-{i}"
-        p.produce(f"{prefix}.frames.{station}", photos[i % len(photos)], item.encode(), headers=_headers(item, station))
+        p.produce(
+            f"{prefix}.frames.{station}",
+            photos[i % len(photos)],
+            item.encode(),
+            headers=_headers(item, station),
+            on_delivery=delivered,
+        )
         p.poll(0)
         i += 1
-    p.flush(60)
-    q.put(i)
+    undelivered = p.flush(60)
+    q.put({
+        "produced": i,
+        "acked": len(acked),
+        "last_ack_s": round(acked[-1], 1) if acked else None,
+        "failed": len(failed),
+        "first_failure": failed[0] if failed else None,
+        "undelivered": undelivered,
+    })  # fmt: skip
 
 
 def _settings(cfg: BenchConfig, bootstrap: str, redis_url: str, checkpoint: Path, prefix: str, batch: int):
@@ -217,7 +241,8 @@ def paced(cfg: BenchConfig, frames: Frames, checkpoint: Path, bootstrap: str, re
             if not rss or elapsed - rss[-1][0] >= 5:
                 rss.append((elapsed, _rss_mb()))
             time.sleep(0.2)
-    sent = q.get(timeout=30)
+    camera = q.get(timeout=90)
+    sent = camera["acked"]
     deadline = time.perf_counter() + 60
     while recorder.frames < sent and time.perf_counter() < deadline:
         time.sleep(0.05)
@@ -229,6 +254,8 @@ def paced(cfg: BenchConfig, frames: Frames, checkpoint: Path, bootstrap: str, re
         "rate": round(rate, 2),
         "sent": sent,
         "routed": recorder.frames,
+        "camera": camera,  # produced, acknowledged by the broker, failed, left undelivered
+        "last_routed_s": round(recorder.delivered[-1][0] - started, 1) if recorder.delivered else None,
         "seconds": cfg.paced_seconds,
         "latency": _percentiles(recorder.latencies_ms),
         "latency_breakdown": recorder.breakdown(),

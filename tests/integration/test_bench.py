@@ -28,6 +28,10 @@ def test_the_benchmark_measures_every_stage_and_reports_ratios(bootstrap, redis_
     for key in ("ceiling_fps", "e2e_fps", "naive_fps", "broker_fps"):
         assert r[key] > 0, key
     assert r["e2e"]["frames"] == 64 and r["paced"]["routed"] == r["paced"]["sent"] > 0
+    camera = r["paced"]["camera"]  # "sent" counts what the broker acknowledged, not what was handed to it
+    assert (
+        camera["produced"] == camera["acked"] == r["paced"]["sent"] and camera["failed"] == camera["undelivered"] == 0
+    )
     assert r["e2e_over_ceiling"] == pytest.approx(r["e2e_fps"] / r["ceiling_fps"], rel=0.01)
     assert r["p99_ms_at_70pct"] == r["paced"]["latency"]["p99_ms"] > 0
     stages = r["paced"]["latency_breakdown"]
