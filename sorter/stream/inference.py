@@ -18,9 +18,8 @@ import torch
 
 from sorter.logs import get_logger
 from sorter.model import int8
-from sorter.model.checkpoint import Checkpoint, ModelMeta, load_checkpoint, read_checkpoint
-from sorter.model.preprocess import Normalizer
-from sorter.model.runtime import make_runtime, settle_precision
+from sorter.model.checkpoint import Checkpoint, ModelMeta
+from sorter.model.serving import load_for_serving
 
 log = get_logger("sorter.model")
 
@@ -56,36 +55,21 @@ class Classifier:
         max_batch: int = 32,
         read: Checkpoint | None = None,
     ) -> None:
-        self.runtime = make_runtime(device, precision)
-        read = read if read is not None else read_checkpoint(checkpoint)
-        int8.check_int8(read, checkpoint, precision)
-        self.model, self.meta = load_checkpoint(checkpoint, self.runtime.device, read)
-        if self.runtime.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.runtime, self.precision_probe = settle_precision(self.runtime, precision, self.model, self.meta.image_size)
-        quantised, rates = int8.choose(read, precision, self.runtime.device, self._torch_forward, self.meta.image_size)
-        self.precision_probe |= rates
-        if quantised is not None:
-            self.model = quantised  # the torch model is dropped: the int8 one serves every batch
-        self.precision = "int8" if quantised is not None else self.runtime.precision
+        served = load_for_serving(checkpoint, device=device, precision=precision, read=read)
+        self.model, self.meta, self.runtime = served.model, served.meta, served.runtime
+        self.precision, self.precision_probe, self.normalizer = served.precision, served.probe, served.normalizer
         if self.precision_probe:
             log.info(
                 "model.precision_chosen",
                 precision=self.precision,
                 images_per_s={k: round(v, 1) for k, v in self.precision_probe.items()},
-                int8_flags=int8.cpu_int8_flags() if rates else None,
+                int8_flags=int8.cpu_int8_flags() if "int8" in self.precision_probe else None,
             )
-        channels_last = self.runtime.channels_last and quantised is None
-        self.normalizer = Normalizer(self.meta.mean, self.meta.std, self.runtime.device, channels_last=channels_last)
         self._pin = self.runtime.device.type == "cuda"
         self.buckets: list[int] | None = None
         self.compile_s = 0.0
-        if compile and quantised is None:  # OpenVINO compiled the int8 model already
+        if compile and not served.quantised:  # OpenVINO compiled the int8 model already
             self._compile(max_batch)
-
-    def _torch_forward(self, x: torch.Tensor) -> torch.Tensor:
-        with self.runtime.autocast():
-            return self.model(x.contiguous(memory_format=torch.channels_last))
 
     def _compile(self, max_batch: int) -> None:
         import time

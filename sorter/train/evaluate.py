@@ -16,11 +16,11 @@ from torch.utils.data import DataLoader
 
 from sorter.data.folder import DecodedImages, Sample, photo_digest, scan
 from sorter.errors import DatasetError
-from sorter.model import int8
-from sorter.model.checkpoint import ModelMeta, load_checkpoint, read_checkpoint
+from sorter.model.checkpoint import ModelMeta
 from sorter.model.classifier import AttentionClassifier
 from sorter.model.preprocess import Normalizer
-from sorter.model.runtime import Runtime, make_runtime, settle_precision
+from sorter.model.runtime import Runtime
+from sorter.model.serving import load_for_serving
 from sorter.progress import progress_bar
 from sorter.train.metrics import Evaluation, evaluate_predictions
 
@@ -103,26 +103,14 @@ def evaluate_folder(
     batch_size: int = 64,
     include_seen: bool = False,
 ) -> FolderScore:
-    runtime = make_runtime(device, precision)
-    read = read_checkpoint(checkpoint)
-    int8.check_int8(read, checkpoint, precision)
-    model, meta = load_checkpoint(checkpoint, runtime.device, read)
-    if runtime.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    runtime, _ = settle_precision(runtime, precision, model, meta.image_size)  # as the worker serves it
-
-    def torch_forward(x: torch.Tensor) -> torch.Tensor:
-        with runtime.autocast():
-            return model(x.contiguous(memory_format=torch.channels_last))
-
-    quantised, _ = int8.choose(read, precision, runtime.device, torch_forward, meta.image_size)
+    served = load_for_serving(checkpoint, device=device, precision=precision)  # as the worker serves it
+    meta = served.meta
     root = evaluation_root(data_dir)
     classes, samples, skipped = unseen_samples(root, meta, include_seen)
     loader = decoded_loader(samples, meta.image_size, batch_size, f"decoding {root.name}")
-    normalizer = Normalizer(meta.mean, meta.std, runtime.device, channels_last=runtime.channels_last)
-    probs, labels = predict(quantised or model, loader, runtime, normalizer)
-    precision = "int8" if quantised is not None else runtime.precision
-    return FolderScore(evaluate_predictions(probs, labels, classes), classes, root, probs, labels, skipped, precision)
+    probs, labels = predict(served.model, loader, served.runtime, served.normalizer)
+    evaluation = evaluate_predictions(probs, labels, classes)
+    return FolderScore(evaluation, classes, root, probs, labels, skipped, served.precision)
 
 
 def unseen_samples(root: Path, meta: ModelMeta, include_seen: bool = False) -> tuple[list[str], list[Sample], int]:
