@@ -56,11 +56,10 @@ def _paced_producer(bootstrap: str, prefix: str, photos: list[bytes], rate: floa
     failed: list[tuple[float, str]] = []
 
     def delivered(err, _msg) -> None:
-        (
+        if err:
             failed.append((time.perf_counter() - started, str(err)))
-            if err
-            else acked.append(time.perf_counter() - started)
-        )
+        else:
+            acked.append(time.perf_counter() - started)
 
     i = 0
     while True:
