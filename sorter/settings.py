@@ -60,6 +60,17 @@ class KafkaSettings(Section):
     # third of it is finished while the loop keeps polling with its partitions paused (see worker.py).
     max_poll_interval_ms: int = Field(300_000, ge=1_000)
     fetch_wait_max_ms: int = Field(50, ge=1, le=1_000)
+    fetch_stall_s: float = Field(
+        30.0,
+        ge=0,
+        description="a partition with frames waiting on the broker that gives none for this long while the "
+        "worker polls is reported (worker.fetch_stalled, sorter_stalled_partitions); 0: not watched",
+    )
+    fair_share: bool = Field(
+        True,
+        description="while behind, pause for a moment the partitions far less behind than the stalest one, so "
+        "that librdkafka's shared prefetch queue does not starve a station (worker.fair_share)",
+    )
     startup_timeout_s: float = Field(120.0, gt=0, description="wait this long for a broker at start-up")
     delivery: Literal["at-least-once", "exactly-once"] = Field(
         "at-least-once", description="exactly-once: transactional consume -> produce (read_committed readers)"

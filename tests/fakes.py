@@ -4,7 +4,9 @@
 - :class:`FakeConsumer` speaks the part of confluent-kafka's ``Consumer`` API the worker uses and behaves like
   librdkafka where it matters: rebalance callbacks run *inside* ``consume()``/``poll()``, before the fetch; an
   eager rebalance revokes every partition, a cooperative one only those that move; a (re)assigned partition
-  is fetched from its committed offset; committing a partition the consumer does not own fails;
+  is fetched from its committed offset; a paused partition stays paused when it is unassigned and assigned
+  again (librdkafka keeps the application's pause flag); statistics know a partition's end only from
+  fetches (a paused partition's is frozen); committing a partition the consumer does not own fails;
   ``close()`` revokes what is still assigned;
 - :class:`FakeProducer` speaks ``Producer``'s API: ``message.max.bytes`` is enforced at ``produce()`` (as
   librdkafka does, ``MSG_SIZE_TOO_LARGE``), a topic's own limit at delivery (the broker's error), and a
@@ -14,6 +16,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -156,6 +159,11 @@ class FakeConsumer:
         self.closed = False
         self.consume_calls = 0
         self._assigned_in_callback = False
+        self.stuck: set[tuple[str, int]] = set()  # partitions whose fetches come back empty (a stalled broker)
+        self.stats_every_s: float | None = None  # call the config's stats_cb this often, from consume()
+        self.drain_first = False  # serve the first assigned partition with frames before any other (starvation)
+        self.seen_end: dict[tuple[str, int], int] = {}  # a partition's end as the last fetch for it said
+        self._stats_at = 0.0
 
     # -- what the test drives ------------------------------------------------------------------
     def schedule(self, *events: tuple[str, list[tuple[str, int]]], after_calls: int = 0, after_s: float = 0.0) -> None:
@@ -189,11 +197,14 @@ class FakeConsumer:
     def _fetch(self, n: int) -> list[FakeMessage]:
         out: list[FakeMessage] = []
         with self.cluster.lock:
+            for tp in self.assigned:  # a fetch goes out for each (an empty answer carries the end too)
+                if tp not in self.paused and tp[0] in self.cluster.topics:
+                    self.seen_end[tp] = len(self.cluster.topics[tp[0]][tp[1]])
             progress = True
             while len(out) < n and progress:
                 progress = False
                 for tp in list(self.assigned):
-                    if tp in self.paused or len(out) >= n:
+                    if tp in self.paused or tp in self.stuck or len(out) >= n:
                         continue
                     part = self.cluster.topics.get(tp[0], [])
                     if tp[1] >= len(part):
@@ -204,12 +215,32 @@ class FakeConsumer:
                             out.append(part[tp[1]][pos])
                         self.position[tp] = pos + 1
                         progress = True
+                        if self.drain_first:  # as librdkafka's shared queue can: the same one, first, every time
+                            break
         return out
+
+    def stats(self) -> str:
+        """librdkafka's statistics JSON, the fields sorter reads: per assigned partition the next offset to
+        fetch, the partition's end and the lag behind the committed offset; one broker, up."""
+        topics: dict[str, dict] = {}
+        with self.cluster.lock:
+            for t, p in self.assigned:
+                end = self.seen_end.get((t, p), -1001)
+                if end < 0:
+                    continue  # never fetched: librdkafka has no end for it yet
+                fetch_from = self.position.get((t, p), 0)
+                lag = max(0, end - self.cluster.committed.get((t, p), 0))
+                part = {"next_offset": fetch_from, "hi_offset": end, "ls_offset": end, "consumer_lag": lag}
+                topics.setdefault(t, {"partitions": {}})["partitions"][str(p)] = part
+        return json.dumps({"type": "consumer", "brokers": {"b": {"state": "UP", "nodeid": 1}}, "topics": topics})
 
     def consume(self, num_messages: int = 1, timeout: float = -1) -> list[FakeMessage]:
         assert not self.closed, "consume() after close()"
         self.consume_calls += 1
         self._run_events()
+        if self.stats_every_s is not None and time.monotonic() - self._stats_at >= self.stats_every_s:
+            self._stats_at = time.monotonic()
+            self.config["stats_cb"](self.stats())  # librdkafka calls it from poll/consume too
         out = self._fetch(min(num_messages, self.max_per_call))
         if not out and timeout and timeout > 0:
             time.sleep(min(timeout, 0.005))
@@ -223,12 +254,12 @@ class FakeConsumer:
         for t, p in parts:
             if (t, p) not in self.assigned:
                 self.assigned.append((t, p))
-            self.paused.discard((t, p))  # a new assignment starts unpaused
+            # a partition paused before it was unassigned comes back paused (librdkafka's app pause flag)
             self.position[(t, p)] = self.cluster.committed.get((t, p), 0)  # from the committed offset
 
     def assign(self, tps) -> None:
         self._assigned_in_callback = True
-        self.assigned, self.paused = [], set()
+        self.assigned = []
         self._start([(tp.topic, tp.partition) for tp in tps])
 
     def incremental_assign(self, tps) -> None:
@@ -237,13 +268,12 @@ class FakeConsumer:
 
     def unassign(self) -> None:
         self._assigned_in_callback = True
-        self.assigned, self.paused = [], set()
+        self.assigned = []
 
     def incremental_unassign(self, tps) -> None:
         self._assigned_in_callback = True
         gone = {(tp.topic, tp.partition) for tp in tps}
         self.assigned = [tp for tp in self.assigned if tp not in gone]
-        self.paused -= gone
 
     def list_topics(self, topic=None, timeout: float = -1):
         from types import SimpleNamespace

@@ -203,6 +203,8 @@ def test_metric_names_end_with_their_unit():
         "sorter_end_to_end_latency_seconds": "histogram",
         "sorter_item_stage_seconds": "histogram",
         "sorter_kafka_errors": "counter",
+        "sorter_fetch_stalls": "counter",
+        "sorter_stalled_partitions": "gauge",
         "sorter_model_info": "gauge",
         "sorter_consumer_lag_messages": "gauge",
         "sorter_assigned_partitions": "gauge",
@@ -231,7 +233,8 @@ def test_error_counters_exist_at_zero_before_the_first_error():
     text = scrape(worker.metrics)
     for client in ("consumer", "producer"):
         assert sample("sorter_kafka_errors_total", {"client": client}, text) == 0
-    for name in ("sorter_redis_errors_total", "sorter_producer_restarts_total", "sorter_slow_batches_total"):
+    names = ("sorter_redis_errors_total", "sorter_producer_restarts_total", "sorter_slow_batches_total")
+    for name in (*names, "sorter_fetch_stalls_total"):
         assert sample(name, {}, text) == 0
     stations = set(re.findall(r'^sorter_frames_dead_lettered_total\{.*station="([^"]*)"', text, re.M))
     assert stations == {"unknown"}  # no station seen yet

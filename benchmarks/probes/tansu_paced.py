@@ -1,13 +1,17 @@
 """Tansu alone under the int8 soak's shape (not a test): a paced camera (150 frames/s, three single-partition
 topics, 25.6 KB payloads, linger 0) and a plain consumer-group consumer (fetch.wait.max.ms 50, synchronous
-commits every 32 frames), no model. Prints frames consumed and the worst lag every 10 s.
+commits every 32 frames), no model. Prints frames consumed and the worst lag every 10 s. A second argument
+makes the consumer slower than the camera (frames/s it takes at most), so that a backlog builds as it does
+behind a model that cannot keep up.
 
     .venv/bin/python benchmarks/probes/tansu_paced.py 400
+    .venv/bin/python benchmarks/probes/tansu_paced.py 420 110
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import re
 import sys
 import tempfile
 import time
@@ -35,7 +39,7 @@ def camera(bootstrap: str, prefix: str, seconds: float) -> None:
     print("camera produced", i, "undelivered", p.flush(60), flush=True)
 
 
-def main(seconds: float) -> None:
+def main(seconds: float, consume_rate: float | None = None) -> None:
     broker = tansu_broker(workdir=Path(tempfile.mkdtemp())).start()
     bootstrap = f"127.0.0.1:{broker.port}"
     prefix = f"soak{uuid.uuid4().hex[:4]}"
@@ -54,18 +58,33 @@ def main(seconds: float) -> None:
         while proc.is_alive() or time.time() - started < seconds + 30:
             m = c.poll(0.2)
             if m is not None and not m.error():
+                if consume_rate:
+                    time.sleep(1 / consume_rate)
                 n += 1
                 lags.append(time.time() - float(m.key().decode()))
                 if n % 32 == 0:
                     c.commit(asynchronous=False)
             if time.time() - started >= reported + 10:
                 reported += 10
-                print(f"t={reported:4d}s consumed {n:6d} max lag {max(lags, default=float('nan')):6.2f}s", flush=True)
+                rss = broker_rss_mb(broker)
+                print(
+                    f"t={reported:4d}s consumed {n:6d} max lag {max(lags, default=float('nan')):6.2f}s "
+                    f"broker rss {rss} MB",
+                    flush=True,
+                )
                 lags = []
     finally:
         c.close()
         broker.stop()
 
 
+def broker_rss_mb(broker) -> int | None:
+    try:
+        status = Path(f"/proc/{broker.proc.pid}/status").read_text()
+        return int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) // 1024
+    except (AttributeError, OSError):
+        return None
+
+
 if __name__ == "__main__":
-    main(float(sys.argv[1]) if len(sys.argv) > 1 else 400.0)
+    main(float(sys.argv[1]) if len(sys.argv) > 1 else 400.0, float(sys.argv[2]) if len(sys.argv) > 2 else None)

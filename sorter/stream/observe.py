@@ -156,6 +156,14 @@ class Metrics:
         for stage in STAGES:
             self.item_stage_s.labels(stage)
         self.kafka_errors = Counter("sorter_kafka_errors", "librdkafka errors reported", ["client"], registry=r)
+        self.fetch_stalls = Counter(
+            "sorter_fetch_stalls",
+            "times a partition with frames waiting on the broker gave none for kafka.fetch_stall_s",
+            registry=r,
+        )
+        self.stalled = Gauge(
+            "sorter_stalled_partitions", "partitions with frames waiting that give none (fetch stalls)", registry=r
+        )
         for client in KAFKA_CLIENTS:
             self.kafka_errors.labels(client)
         self.model_info = Gauge(
@@ -273,17 +281,21 @@ class WorkerCollector(Collector):
 
 
 class Health:
-    """Broker reachability and lag from librdkafka statistics (``stats_cb``)."""
+    """Broker reachability and lag from librdkafka statistics (``stats_cb``); each report, parsed, is also
+    handed to the ``listeners`` (the worker's fetch watch)."""
 
     def __init__(self) -> None:
         self.broker_up = False
         self.seen_stats = False
         self.lag: dict[tuple[str, int], int] = {}
+        self.listeners: list[Callable[[dict], None]] = []
 
     def on_stats(self, raw: str) -> None:
         try:
             stats = json.loads(raw)
         except ValueError:
+            return
+        if not isinstance(stats, dict):
             return
         self.seen_stats = True
         brokers = stats.get("brokers", {}).values()
@@ -295,6 +307,11 @@ class Health:
                     continue
                 lag[(topic, int(pid))] = p["consumer_lag"]
         self.lag = lag
+        for listener in self.listeners:  # runs inside consume(): a failure here must not stop the loop
+            try:
+                listener(stats)
+            except Exception as exc:
+                log.warning("observe.stats_listener_failed", error=f"{type(exc).__name__}: {exc}")
 
 
 def readiness(worker: WorkerView) -> list[str]:

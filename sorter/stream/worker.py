@@ -72,6 +72,7 @@ from sorter.stream.delivery import (
 from sorter.stream.kafka import KafkaClients, consumer_config, producer_config, to_raw, transactional_producer_config
 from sorter.stream.observe import Health, Metrics, ObservabilityServer
 from sorter.stream.pipeline import BatchResult, Pipeline
+from sorter.stream.stalls import FairShare, FetchWatch
 from sorter.stream.timeline import BatchTimes, wall_ms
 
 log = get_logger("sorter.worker")
@@ -202,6 +203,14 @@ class Worker:
         self._ever_owned = False
         self._runner = SerialRunner("batch")
         self.failpoints = _failpoints()
+        self.fetch_watch = FetchWatch(
+            k.fetch_stall_s,
+            stats_interval_s=settings.observe.stats_interval_ms / 1000,
+            read_committed=config.get("isolation.level") == "read_committed",  # as the consumer is configured
+        )
+        self.health.listeners.append(self.fetch_watch.on_stats)
+        self.fair = FairShare() if k.fair_share else None
+        self._watched_at = 0.0
         self.consumer = clients.consumer(
             config
             | {
@@ -260,7 +269,9 @@ class Worker:
         held = [p for p in partitions if p.topic in self.own_topics or self._keepalive_paused]
         if held:
             consumer.pause(held)
-        self.assigned |= {(p.topic, p.partition) for p in partitions if p.topic not in self.own_topics}
+        frames = {(p.topic, p.partition) for p in partitions if p.topic not in self.own_topics}
+        self.assigned |= frames
+        self.fetch_watch.assigned(frames)
         self._ever_owned = self._ever_owned or bool(self.assigned)
         log.info(
             "worker.assigned",
@@ -288,7 +299,16 @@ class Worker:
         dropped = before - len(self._collecting) - len(self._stash)
         self.stats.revoked_dropped += dropped
         self.stats.partitions_revoked += len(gone & self.assigned)
+        # librdkafka keeps a partition's pause flag when it is unassigned: one we paused (the keep-alive,
+        # the fair share) is resumed before it goes, or it would come back paused and never be fetched
+        ours = self._keepalive_paused or (self.fair is not None and bool(self.fair.held.keys() & gone))
+        if ours:
+            consumer.resume([p for p in partitions if p.topic not in self.own_topics])
         self.assigned -= gone
+        self.fetch_watch.revoked(gone)
+        if self.fair is not None:
+            self.fair.revoked(gone)
+        self.metrics.stalled.set(len(self.fetch_watch.stalled))
         if self.cooperative:
             consumer.incremental_unassign(partitions)
         else:
@@ -327,14 +347,18 @@ class Worker:
         b = self.settings.batch
         self._collecting, self._stash = self._stash, []
         deadline = time.monotonic() + self._wait_s() if self._collecting else None
+        for m in self._collecting:
+            self._got(_tp(m))
         while len(self._collecting) < b.max_size and not self.stop_event.is_set():
             left = 0.1 if deadline is None else deadline - time.monotonic()
+            self.fetch_watch.polled()
             got = self.consumer.consume(b.max_size - len(self._collecting), left if left > 0 else BUSY_POLL_S)
             fetched = wall_ms()
             for m in got:
                 err = m.error()
                 if err is None:
                     if m.topic() not in self.own_topics:  # paused on assignment; never processed
+                        self._got(_tp(m))
                         self._collecting.append(m)
                         self._fetched[id(m)] = fetched
                         if self.overlap:  # decoding overlaps the batch in the model (and the collecting)
@@ -353,6 +377,39 @@ class Worker:
                 break
         messages, self._collecting = self._collecting, []
         return messages
+
+    def _share_fairly(self) -> None:
+        if self.fair is None or self._keepalive_paused:
+            return
+        backlog = {tp: b for tp, b in self.fetch_watch.backlog_s().items() if tp not in self.fetch_watch.stalled}
+        capacity = 1 / self._frame_cost_s if self._frame_cost_s else None  # frames/s the model takes
+        pause, resume = self.fair.decide(backlog, capacity)
+        pause = [tp for tp in pause if tp in self.assigned]
+        resume = [tp for tp in resume if tp in self.assigned]
+        if resume:
+            self.fetch_watch.release(resume)
+            self.consumer.resume([TopicPartition(t, p) for t, p in resume])
+        if pause:
+            # their prefetched frames are dropped; on resume librdkafka fetches from the last frame taken
+            self.consumer.pause([TopicPartition(t, p) for t, p in pause])
+            self.fetch_watch.hold(pause)
+            starved = self.fair.starved or max(backlog, key=backlog.__getitem__)
+            log.info(
+                "worker.fair_share",
+                starved=f"{starved[0]}[{starved[1]}]",
+                starved_backlog_s=round(backlog[starved], 1),
+                held=sorted(f"{t}[{p}]" for t, p in pause),
+                held_s=self.fair.hold_s,
+            )
+
+    def _release_fair_share(self) -> None:
+        """Resume what the fair share holds (before a seek, or once the keep-alive resumed everything)."""
+        if self.fair is None:
+            return
+        held = [tp for tp in self.fair.release_all() if tp in self.assigned]
+        self.fetch_watch.release(held)
+        if held:
+            self.consumer.resume([TopicPartition(t, p) for t, p in held])
 
     def _model_busy(self) -> bool:
         """The helper thread is still on the last batch handed to it (only with overlap: without it every
@@ -409,7 +466,36 @@ class Worker:
         finished = 0
         while len(self._inflight) > keep:
             finished += self._finish_oldest(keepalive=True)
+        self._watch_fetches()
         return len(messages) + finished
+
+    def _got(self, tp: tuple[str, int]) -> None:
+        self.fetch_watch.got(tp)
+        if self.fair is not None:
+            self.fair.got(tp)
+
+    def _watch_fetches(self) -> None:
+        """Once a second: say which partitions have frames waiting on the broker but give none, and hold
+        back the partitions far ahead of a starved one (stalls.py)."""
+        now = time.monotonic()
+        if now - self._watched_at < 1.0:
+            return
+        self._watched_at = now
+        self._share_fairly()
+        stalled, resumed = self.fetch_watch.check()
+        for s in stalled:
+            self.metrics.fetch_stalls.inc()
+            log.warning(
+                "worker.fetch_stalled",
+                partition=f"{s.tp[0]}[{s.tp[1]}]",
+                waiting_frames=s.waiting,
+                next_offset=s.next_offset,
+                quiet_s=s.quiet_s,
+            )
+        for r in resumed:
+            log.info("worker.fetch_resumed", partition=f"{r.tp[0]}[{r.tp[1]}]", stalled_s=r.stalled_s)
+        if stalled or resumed:
+            self.metrics.stalled.set(len(self.fetch_watch.stalled))
 
     def _work(self, raws: list[RawFrame], predecoded, offsets, times: BatchTimes) -> BatchResult:
         """The helper thread's part: pipeline, delivery, cache. Runs batches one at a time, in order."""
@@ -444,6 +530,7 @@ class Worker:
         try:
             result = batch.future.result()  # raises what the helper raised (e.g. DeliveryError)
         except TransactionAborted as exc:
+            self._release_fair_share()  # a seek of a paused partition would be undone by its resume
             rewound = rewind(self.consumer, batch.messages, self.assigned)
             # polled after the batch from the partitions sought back: they come again after the seek
             # (frames stashed from other partitions stay: nothing re-reads them)
@@ -490,6 +577,7 @@ class Worker:
                     self.stats.slow_batches += 1
                     log.warning("worker.slow_batch", frames=len(batch.messages), waited_s=round(patience, 1))
                     self.consumer.pause(self.consumer.assignment())
+                    self.fetch_watch.hold(self.assigned)
                 if paused:
                     m = self.consumer.poll(0.2)  # serves rebalances, proves liveness
                     if m is not None and m.error() is None and m.topic() not in self.own_topics:
@@ -500,6 +588,8 @@ class Worker:
             if paused:
                 self._keepalive_paused = False
                 self.consumer.resume([p for p in self.consumer.assignment() if p.topic not in self.own_topics])
+                self._release_fair_share()  # resumed with the rest
+                self.fetch_watch.release(set(self.assigned))
         return True
 
     def _give_up(self, why: str, *, current: InFlight | None = None, failed: bool = False) -> None:

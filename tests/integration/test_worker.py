@@ -9,6 +9,8 @@ import time
 import numpy as np
 import pytest
 import redis
+from confluent_kafka import Producer
+from structlog.testing import capture_logs
 
 from sorter.data.synth import catalog, render
 from sorter.stream.app import build_worker
@@ -199,3 +201,39 @@ def test_a_batch_slower_than_max_poll_interval_does_not_get_the_worker_evicted(s
     commands = consume_all(bootstrap, settings.kafka.commands_topic, expect=12)
     assert sorted(json.loads(m.value())["item_id"] for m in commands) == sorted(items)  # each once
     assert worker.stats.revoked_dropped == 0
+
+
+def test_a_partition_the_broker_stops_serving_is_said_not_silent(settings_for, namespace, bootstrap):
+    """Found in a 7-minute paced soak: the worker polled on, healthy by every sign, while a station's frames
+    waited on the broker and none arrived, and nothing was logged. The local broker (Tansu) answers every
+    fetch of a partition empty once reading to the fetch offset takes longer than ``fetch.wait.max.ms``,
+    and that time grows with the record batches the partition holds; a camera sends one frame per batch.
+    Here: 8,000 one-frame batches and a 1 ms fetch wait. Whatever the broker does, the worker must not be
+    silent: it reads every frame, or it says which partition gives none while frames wait."""
+    n = 8_000
+    settings = settings_for(kafka={"fetch_wait_max_ms": 1, "fetch_stall_s": 2}, observe={"stats_interval_ms": 500})
+    topic = f"{namespace}-frames.dock-1"
+    ensure_topics(settings.kafka, {topic: 1})
+    camera = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0, "batch.num.messages": 1})
+    pic = photos(1, seed=5)[0][1]
+    for item, value, headers in frames_for([f"{namespace}-{i}" for i in range(n)], [(0, pic)] * n, "dock-1"):
+        while True:
+            try:
+                camera.produce(topic, value, item.encode(), headers=list(headers.items()))
+                break
+            except BufferError:
+                camera.poll(0.05)
+        camera.poll(0)
+    assert camera.flush(60) == 0
+    worker = build_worker(settings)
+    with capture_logs() as events:
+        thread = start(worker)
+        stalls = lambda: [e for e in events if e["event"] == "worker.fetch_stalled"]  # noqa: E731
+        deadline = time.monotonic() + 120
+        while worker.stats.frames < n and not stalls() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        worker.stop_event.set()
+        thread.join(30)
+    assert worker.stats.frames == n or stalls(), "frames waited on the broker, none arrived, nothing was said"
+    for stall in stalls():
+        assert stall["partition"] == f"{topic}[0]" and 0 < stall["waiting_frames"] <= n - worker.stats.frames
