@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sorter.cli_options import JsonOpt, example, print_json
-from sorter.errors import SorterError
+from sorter.errors import ConfigError, SorterError
 from sorter.logs import configure_logging, report_failure
 
 app = typer.Typer(
@@ -148,6 +148,10 @@ def train(
     ] = 0.1,
     workers: Annotated[int, typer.Option(help="data-loader worker processes")] = 0,
     model_version: Annotated[str | None, typer.Option(help="version string stamped on routing commands")] = None,
+    ood_score: Annotated[str, typer.Option(help="unknown-product score: energy, max_logit or msp")] = "energy",
+    ood_false_review: Annotated[
+        float, typer.Option(help="share of known products the unknown-product threshold may send to review")
+    ] = 0.02,
 ) -> None:
     """Train the attention classifier in two phases (frozen backbone, then fine-tuning)."""
     from sorter.train.trainer import TrainConfig
@@ -174,6 +178,8 @@ def train(
         test_fraction=test_fraction,
         num_workers=workers,
         model_version=model_version,
+        ood_score=ood_score,
+        ood_false_review=ood_false_review,
     )
     result = run_training(data_dir, out, config)
     e = result.test or result.evaluation
@@ -200,6 +206,9 @@ def evaluate(
         bool, typer.Option(help="also score photos that trained or tuned the model (optimistic)", metavar="")
     ] = False,
     target_error: Annotated[float, typer.Option(help="error among routed items to suggest min_confidence for")] = 0.005,
+    unknown: Annotated[
+        Path | None, typer.Option(help="photos of products the model was not trained on: how many go to review")
+    ] = None,
 ) -> None:
     """Accuracy, per-class scores, calibration (ECE), confusion matrix and risk-coverage curve, on unseen photos.
 
@@ -209,7 +218,9 @@ def evaluate(
     from sorter.train.metrics import risk_coverage
     from sorter.train.plots import plot_confusion, plot_risk_coverage
 
-    score = evaluate_folder(data_dir, checkpoint, device=device, precision=precision, include_seen=include_seen)
+    score = evaluate_folder(
+        data_dir, checkpoint, device=device, precision=precision, include_seen=include_seen, unknown=unknown
+    )
     evaluation, classes, root = score.evaluation, score.classes, score.root
     png = confusion or checkpoint.with_suffix("").with_name(checkpoint.stem + ".confusion.png")
     plot_confusion(evaluation.confusion, classes, png, title=f"{checkpoint.name} on {root}")
@@ -237,11 +248,27 @@ def evaluate(
         f"no confidence threshold keeps routed errors under {100 * target_error:.1f}%",
     )  # fmt: skip
     console.print(f"risk-coverage: {rc_png} (and .json)")
+    if score.unknown is not None:
+        console.print(_unknown_line(score.unknown))
     if as_json:
         summary = evaluation.summary() | {"confusion_png": str(png), "skipped_seen": score.skipped_seen}
         summary |= {"precision": score.precision}
         summary |= {"suggested_min_confidence": s, "risk_coverage_png": str(rc_png)}
+        summary |= {"unknown": score.unknown} if score.unknown is not None else {}
         print_json(summary)
+
+
+def _unknown_line(u: dict) -> str:
+    aurocs = ", ".join(f"{name} {v:.3f}" for name, v in u["auroc"].items())
+    line = f"unknown products ({u['unknown_photos']} photos against {u['known_photos']} known): AUROC {aurocs}"
+    f = u.get("fitted")
+    if f is None:
+        return line + "; this checkpoint has no fitted threshold (trained before unknown-product detection)"
+    return line + (
+        f"; at the checkpoint's threshold ({f['score']} > {f['threshold']:.3f}, fitted on {f['photos']} "
+        f"{f['fitted_on']} photos for {100 * f['false_review']:g}% false review): "
+        f"{100 * f['unknown_caught']:.1f}% of unknown photos to review, {100 * f['known_reviewed']:.1f}% of known"
+    )
 
 
 @app.command(rich_help_panel=MODEL, epilog=example("sorter quantize model.pt data --out model.int8.pt"))
@@ -440,7 +467,10 @@ def bench(
     ] = True,
     delivery: Annotated[str, typer.Option(help="at-least-once or exactly-once")] = "at-least-once",
     batch_sizes: Annotated[str, typer.Option(help="batch sizes the ceiling tries, comma-separated")] = "8,16,32",
-    naive_frames: Annotated[int, typer.Option(help="frames for the (slow) naive loop")] = 100,
+    naive_frames: Annotated[int, typer.Option(help="frames for the (slow) naive loop and Quix application")] = 100,
+    quix_python: Annotated[
+        Path | None, typer.Option(help="python of a venv with the bench-quix extra: adds the Quix Streams stage")
+    ] = None,
     paced_seconds: Annotated[float, typer.Option(help="length of the 70% paced run (600: memory soak)")] = 20.0,
     max_wait_ms: Annotated[
         int | None, typer.Option(help="the worker's batch.max_wait_ms (default: the setting's default)")
@@ -470,6 +500,7 @@ def bench(
         delivery=delivery,
         batch_sizes=tuple(int(b) for b in batch_sizes.split(",")),
         naive_frames=naive_frames,
+        quix_python=quix_python,
         paced_seconds=paced_seconds,
         max_wait_ms=max_wait_ms,
         latency_budget_ms=latency_budget_ms,
@@ -486,6 +517,35 @@ def bench(
     console.print(f"plot: {png}, data: {data}")
     if as_json:
         print_json(result)
+
+
+@app.command(
+    rich_help_panel=MEASURE,
+    epilog=example("sorter capacity --stations 12 --items-per-s 2 --cameras 4 --budget-ms 300"),
+)
+def capacity(
+    stations: Annotated[int, typer.Option(help="stations on the line", min=1)] = 12,
+    items_per_s: Annotated[float, typer.Option(help="items per second at each station", min=0.01)] = 2.0,
+    cameras: Annotated[int, typer.Option(help="photos per item (cameras in the tunnel)", min=1)] = 4,
+    budget_ms: Annotated[float, typer.Option(help="p99 captured-at to command delivered", min=1)] = 300.0,
+    results: Annotated[Path, typer.Option(help="folder of sorter bench results")] = Path("benchmarks/results"),
+    out: Annotated[Path, typer.Option(help="the plot")] = Path("benchmarks/results/capacity.png"),
+    as_json: JsonOpt = False,
+) -> None:
+    """What to buy: frames/s per pod within a latency budget, per measured machine, and pods for a line."""
+    from sorter.bench.capacity import Line, measured, plan, plot, table
+
+    line = Line(stations, items_per_s, cameras)
+    points = measured(results)
+    if not points:
+        raise ConfigError(f"no sorter bench results with a paced run under {results}: run sorter bench first")
+    rows = plan(points, line, budget_ms)
+    console = Console(stderr=as_json)
+    for text in table(rows, line, budget_ms):
+        console.print(text, markup=False, soft_wrap=True)
+    console.print(f"plot: {plot(rows, line, budget_ms, out)}")
+    if as_json:
+        print_json({"line": str(line), "frames_per_s": line.frames_per_s, "budget_ms": budget_ms, "rows": rows})
 
 
 def _register_traffic() -> None:

@@ -21,7 +21,7 @@ log = get_logger("sorter.demo")
 DEMO_CLASSES = 10
 DEMO_SIZE = (320, 240)
 #: Bump when the demo recipe changes, so a stale cached model is retrained rather than reused.
-DEMO_RECIPE = "v2-mobilenet_v2-128px-10cls"  # v2: the recipe of issue #14 (attention pooling, frozen BN)
+DEMO_RECIPE = "v3-mobilenet_v2-128px-10cls"  # v3: with an unknown-product threshold (issue #12)
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,8 @@ def write_demo_routes(path: Path, skus: list[str]) -> Path:
 
 class Stations:
     """Simulated conveyor stations publishing to ``frames.<station>`` (see ``sorter.traffic.simulate``):
-    one or two cameras per item, ~1% corrupt frames to show the dead-letter path."""
+    one or two cameras per item, ~1% corrupt frames to show the dead-letter path, ~5% products the demo
+    model was not trained on to show the unknown-product path."""
 
     def __init__(self, kafka: KafkaSettings, stations: list[str], rate: float, seed: int = 0) -> None:
         import threading
@@ -86,6 +87,7 @@ class Stations:
             classes=DEMO_CLASSES,
             size=DEMO_SIZE,
             corrupt_fraction=0.01,
+            unknown_fraction=0.05,
             seed=seed,
         )
         self.stop_event = threading.Event()

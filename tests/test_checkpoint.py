@@ -120,3 +120,24 @@ def test_metadata_validation():
         _meta(skus=["x", "y"])
     with pytest.raises(ValueError, match="unknown backbone"):
         _meta(backbone="alexnet")
+
+
+def test_the_unknown_product_threshold_is_a_section_an_older_sorter_skips_and_edits_are_refused(tmp_path):
+    """Found in review: with the threshold inside the metadata, the sorter before it (whose metadata model
+    forbids unknown fields) refused every new checkpoint, so a rollback of the worker stopped start-up."""
+    from sorter.model.ood import OodMeta
+
+    model, _ = build_classifier("mobilenet_v2", 3, pretrained=False)
+    ood = OodMeta(score="energy", threshold=-2.5, false_review=0.02, fitted_on="calib", photos=120)
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, model, _meta(ood=ood))
+    payload = torch.load(path, weights_only=True)
+    assert "ood" not in payload["meta"]  # what an older sorter validates is what it always was
+    assert set(ModelMeta.model_fields) - {"ood"} >= set(payload["meta"])
+    assert read_checkpoint(path).meta.ood == ood and load_checkpoint(path)[1].ood == ood
+    save_checkpoint(path, model, _meta())
+    assert read_checkpoint(path).meta.ood is None and "ood" not in torch.load(path, weights_only=True)
+    save_checkpoint(path, model, _meta(ood=ood))
+    _rewrite(path, lambda p: p["ood"]["meta"].update(threshold=5.0))  # "fewer reviews, please"
+    with pytest.raises(CheckpointError, match="unknown-product threshold fails its integrity check"):
+        read_checkpoint(path)

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -67,6 +68,21 @@ def test_synth_train_evaluate_explain(tmp_path):
     assert summary["suggested_min_confidence"] is None or 0 <= summary["suggested_min_confidence"]["threshold"] < 1
     assert 0 <= summary["ece"] <= 1 and len(summary["per_class"]) == 3
     assert (tmp_path / "m.confusion.png").stat().st_size > 5_000
+    # products it was never trained on: how the checkpoint's fitted threshold treats them
+    from sorter.data.synth import catalog, render
+
+    others = tmp_path / "others" / "deep"
+    others.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i, design in enumerate(catalog(6)[3:]):  # designs after the three it knows
+        (others / f"{i}.jpg").write_bytes(render(design, rng, size=(160, 120)))
+    result = _ok(["evaluate", str(data), "-c", str(ckpt), "--json", "--device", "cpu", "--unknown", str(others.parent)])
+    unknown = json.loads(result.stdout.strip().splitlines()[-1])["unknown"]
+    assert (unknown["unknown_photos"], unknown["known_photos"]) == (3, 12) and set(unknown["auroc"]) == {
+        "energy", "max_logit", "msp"
+    }  # fmt: skip
+    fitted = unknown["fitted"]
+    assert fitted["score"] == "energy" and fitted["fitted_on"] == "calib" and 0 <= fitted["unknown_caught"] <= 1
     photo = next((data / "val").glob("*/*.jpg"))
     result = _ok(
         [

@@ -69,3 +69,21 @@ def test_pictures_go_into_folders_that_do_not_exist_yet(tmp_path):
     out = tmp_path / "reports" / "2026" / "m.confusion.png"
     plot_confusion(np.array([[3, 1], [0, 4]]), ["a", "b"], out, title="t")
     assert out.stat().st_size > 0
+
+
+def test_unknown_photos_that_are_known_or_missing_are_refused_before_anything_is_scored(tmp_path):
+    _tree(tmp_path / "data", {"a": 3, "b": 3})
+    _, samples = scan(tmp_path / "data")
+    ckpt = _checkpoint(tmp_path / "m.pt", set())
+    among = r"0 of its photos trained or tuned this model and [1-9]\d* are among the known"
+    with pytest.raises(DatasetError, match=among):
+        evaluate_folder(tmp_path / "data", ckpt, device="cpu", unknown=tmp_path / "data")  # the test folder itself
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no photos in it"):
+        evaluate_folder(tmp_path / "data", ckpt, device="cpu", unknown=tmp_path / "empty")
+    with pytest.raises(DatasetError, match="is not a folder"):
+        evaluate_folder(tmp_path / "data", ckpt, device="cpu", unknown=tmp_path / "nope")
+    trained = _checkpoint(tmp_path / "t.pt", {photo_digest(samples[0].path)})
+    _tree(tmp_path / "other", {"a": 1})
+    with pytest.raises(DatasetError, match=r"[1-9]\d* of its photos trained or tuned this model"):
+        evaluate_folder(tmp_path / "data", trained, device="cpu", unknown=tmp_path / "other")

@@ -121,9 +121,10 @@ def test_a_tampered_or_malformed_int8_section_is_refused_with_one_line(quantised
     def report(p):
         p["int8"]["report"] = p["int8"]["report"].replace('"drop"', '"dr0p"')
 
-    def grafted(p):  # an int8 model moved onto other weights
+    def grafted(p):  # an int8 model moved onto other weights (whose file has no unknown-product section)
         p["state_dict"]["head.bias"] += 1
         p["sha256"] = _digest(p["meta"], p["state_dict"])
+        p.pop("ood", None)
 
     for change in (flip, report, grafted):
         checkpoint = read_checkpoint(edited(change))  # the fp32 weights verify: they still serve

@@ -195,6 +195,7 @@ def test_metric_names_end_with_their_unit():
         "sorter_frames_dead_lettered": "counter",
         "sorter_cache_lookups": "counter",
         "sorter_commands": "counter",
+        "sorter_late_frames": "counter",
         "sorter_batches": "counter",
         "sorter_batch_frames": "histogram",
         "sorter_decode_seconds": "histogram",

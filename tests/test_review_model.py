@@ -102,8 +102,8 @@ def test_evaluate_scores_in_the_precision_the_worker_serves_in(tmp_path, monkeyp
     served = Classifier(checkpoint, device="cpu", precision="auto").runtime.precision
 
     used = []
-    real_predict = ev.predict
-    monkeypatch.setattr(ev, "predict", lambda model, loader, runtime, *a: used.append(runtime.precision)
+    real_predict = ev.predict_logits
+    monkeypatch.setattr(ev, "predict_logits", lambda model, loader, runtime, *a: used.append(runtime.precision)
                         or real_predict(model, loader, runtime, *a))  # fmt: skip
     ev.evaluate_folder(tmp_path / "data", checkpoint, device="cpu", precision="auto")
     assert used == [served] == ["fp32"]

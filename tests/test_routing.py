@@ -3,7 +3,7 @@
 import pytest
 
 from sorter.errors import ConfigError
-from sorter.stream.routing import RoutingTable, StationOverride, decide, load_routing_table
+from sorter.stream.routing import RoutingTable, StationOverride, decide, late, load_routing_table
 
 TABLE = RoutingTable(
     default_chute="C-99",
@@ -60,6 +60,14 @@ def test_load_yaml_and_json(tmp_path):
         ("default_chute: C\nreview_chute: R\nstations: {d1: {min_confidnce: 0.5}}\n", "stations.d1.min_confidnce"),
         ("default_chute: C\nreview_chute: R\nroutes: [a, b]\n", "routes"),
         ("default_chute: [unclosed\n", "not valid YAML"),
+        ("default_chute: C\nreview_chute: R\ndecision_deadline_ms: 800\n", "needs a late_chute"),
+        ("default_chute: C\nreview_chute: R\nstations: {d1: {decision_deadline_ms: 500}}\n", "at: stations.d1"),
+        ("default_chute: C\nreview_chute: R\ndecision_deadline_ms: 0\nlate_chute: L\n", "decision_deadline_ms"),
+        ("default_chute: C\nreview_chute: R\ndecision_deadline_ms: true\nlate_chute: L\n", "decision_deadline_ms"),
+        (  # a station that turns its deadline off does not excuse the top level's missing late chute
+            'default_chute: C\nreview_chute: R\ndecision_deadline_ms: 800\nstations: {"": {decision_deadline_ms: 0}}\n',
+            "needs a late_chute",
+        ),
     ],
 )
 def test_bad_tables_name_the_field(tmp_path, text, field):
@@ -94,3 +102,42 @@ def test_routes_the_model_cannot_produce_are_named_with_the_closest_label():
     assert events[0]["did_you_mean"] == "bottle-yellow-dots" and len(events) == 2
     with pytest.raises(ConfigError, match="botle-yellow-dots"):
         check_routes(table, classes=["bottle-yellow-dots", "box"], skus=["SKU-1", "SKU-2"], strict=True)
+
+
+DEADLINES = RoutingTable(
+    default_chute="C-99",
+    review_chute="REVIEW",
+    decision_deadline_ms=800,
+    late_chute="RECIRC",
+    stations={
+        "dock-1": StationOverride(decision_deadline_ms=300, late_chute="RECIRC-1"),
+        "dock-2": StationOverride(decision_deadline_ms=0),  # no deadline here
+        "dock-3": StationOverride(late_chute="RECIRC-3"),  # the global deadline, its own chute
+    },
+)
+
+
+@pytest.mark.parametrize(
+    "table, station, age_ms, chute",
+    [
+        (DEADLINES, "s1", 801, "RECIRC"),  # past the global deadline
+        (DEADLINES, "s1", 800, None),  # the deadline itself is in time
+        (DEADLINES, "s1", None, None),  # no capture time: cannot be judged late
+        (DEADLINES, "dock-1", 301, "RECIRC-1"),  # the station's own deadline and chute
+        (DEADLINES, "dock-1", 299, None),
+        (DEADLINES, "dock-2", 60_000, None),  # deadline 0 at the station: never late there
+        (DEADLINES, "dock-3", 900, "RECIRC-3"),
+        (DEADLINES, "dock-3", 700, None),
+        (TABLE, "s1", 3_600_000, None),  # no deadline at all (the default): classified however old
+    ],
+)
+def test_late(table, station, age_ms, chute):
+    decision = late(table, station, age_ms)
+    assert (decision and (decision.chute, decision.reason)) == ((chute, "late") if chute else None)
+
+
+def test_a_station_deadline_takes_the_global_late_chute():
+    table = RoutingTable(
+        default_chute="C", review_chute="R", late_chute="L", stations={"d": StationOverride(decision_deadline_ms=100)}
+    )
+    assert late(table, "d", 101).chute == "L" and late(table, "other", 10**9) is None

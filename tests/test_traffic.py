@@ -223,3 +223,48 @@ def test_loop_suffixes_go_on_the_id_the_worker_reads():
     assert parse_frame(again.to_raw()).item_id == "a-1:r2" and again.key == b"a-1:r2"
     blank = Record("frames.dock-1", 0, 1, 1, None, (("item-id", b" "),), b"x")
     assert _renamed(blank, 1, "frames.dock-1", None).headers == (("item-id", b" "),)
+
+
+def test_a_direct_replay_judges_no_frame_late_however_old_the_recording(simulated):
+    """A recording's capture times are hours old by the time a model comparison replays it: with the line's
+    routing table (a decision deadline in it) every item would go to the late chute and the diff would
+    compare nothing. ``replay --direct`` has no queue to be late in, so it classifies every frame."""
+    from sorter.stream.cache import MemoryCache
+    from sorter.stream.inference import Prediction
+    from sorter.stream.pipeline import Decoder, Pipeline
+    from sorter.stream.routing import RoutingTable
+    from sorter.traffic.replay import replay_direct
+
+    class Model:  # any photo: a confident box
+        input_size, model_version = 32, "m-1"
+
+        def predict(self, images):
+            return [Prediction(0, "box", "SKU-0", 0.9) for _ in images]
+
+    path, sim = simulated
+    table = RoutingTable(default_chute="C-99", review_chute="R", decision_deadline_ms=800, late_chute="RECIRC")
+    decoder = Decoder(2, max_pixels=10**6)
+    pipeline = Pipeline(Model(), table, MemoryCache(), decoder, worker_id="w", topic_prefix="frames.")
+    try:
+        results = list(replay_direct(Reader.open(path), pipeline, ReplayPlan()))
+    finally:
+        decoder.close()
+    commands = [c for r in results for c in r.commands]
+    assert len(commands) == sim.items_sent and not any(r.late for r in results)
+    assert {c.reason for c in commands} <= {"classified", "low_confidence", "unknown_sku"}
+
+
+def test_the_simulator_sends_a_share_of_products_outside_the_trained_catalog_when_asked():
+    from itertools import islice
+
+    from sorter.data.synth import catalog
+
+    known = {d.label for d in catalog(4)}
+    sim = Simulator(["dock-1"], 5.0, classes=4, size=(64, 48), unknown_fraction=0.3, seed=1)
+    designs = [p.design.label for p in islice(sim.photos(0), 200)]
+    unknown = [d for d in designs if d not in known]
+    assert set(unknown) <= {d.label for d in catalog(6)[4:]} and 0.2 < len(unknown) / 200 < 0.4
+    plain = Simulator(["dock-1"], 5.0, classes=4, size=(64, 48), seed=1)
+    assert all(p.design.label in known for p in islice(plain.photos(0), 50))
+    with pytest.raises(Exception, match="unknown fraction"):
+        Simulator(["dock-1"], 5.0, unknown_fraction=1.0)

@@ -73,6 +73,9 @@ def test_short_training_run_beats_chance_and_writes_its_reports(synth_tree, tmp_
     assert meta.skus[0].startswith("SKU-") and len(meta.data_fingerprint) == 64
     assert meta.metrics["val_accuracy"] == pytest.approx(result.evaluation.accuracy)
     assert meta.train_config["weights_source"] == "package"
+    # the unknown-product threshold, fitted on the calibration split (photos it never trained on)
+    assert meta.ood is not None and (meta.ood.score, meta.ood.fitted_on, meta.ood.photos) == ("energy", "calib", 20)
+    assert meta.ood.false_review == 0.02 and -1e6 < meta.ood.threshold < 1e6
     report = json.loads((tmp_path / "model.metrics.json").read_text())
     assert [h["epoch"] for h in report["history"]] == list(range(1, len(report["history"]) + 1))
     assert {h["phase"] for h in report["history"]} == {1, 2}

@@ -64,11 +64,11 @@ def photos(n: int = 16) -> list[bytes]:
     return out
 
 
-def camera(bootstrap: str, prefix: str, seconds: float) -> None:
+def camera(bootstrap: str, prefix: str, seconds: float, rate: float = RATE) -> None:
     p = Producer(kafka_config(KafkaSettings(bootstrap_servers=bootstrap), {"linger.ms": 0}))
     shots = photos()
     started, i = time.perf_counter(), 0
-    while (due := started + i / RATE) - started < seconds:
+    while (due := started + i / rate) - started < seconds:
         if due > time.perf_counter():
             time.sleep(due - time.perf_counter())
         station, item = STATIONS[i % len(STATIONS)], f"{prefix}-{i}"
@@ -116,16 +116,10 @@ PARTITION_KEYS = ("fetch_state", "fetchq_cnt", "fetchq_size", "next_offset", "ap
 BROKER_KEYS = ("state", "outbuf_cnt", "waitresp_cnt", "tx", "rx", "rxerrs", "rxpartial", "req", "rtt")
 
 
-def main(seconds: float, ms_per_frame: float, stats: Path | None = None) -> None:
-    configure_logging(os.environ.get("PROBE_LOG_LEVEL", "warning"))
-    if stats is not None:
-        keep_stats(stats)
-    work = Path(tempfile.mkdtemp())
-    broker = tansu_broker(workdir=work).start()
-    redis = redis_server(workdir=work).start()
-    bootstrap = f"127.0.0.1:{broker.port}"
-    prefix = f"wp{uuid.uuid4().hex[:4]}"
-    routes = work / "routes.yaml"
+def probe_settings(bootstrap: str, redis_port: int, work: Path, prefix: str, fetch_wait_ms: int,
+                   client: dict | None = None):  # fmt: skip
+    """The worker's settings for a probe: three station topics under ``prefix`` (created here), no metrics."""
+    routes = work / f"{prefix}.yaml"
     routes.write_text("default_chute: C-99\nreview_chute: REVIEW\nmin_confidence: 0.5\nroutes: {}\n")
     settings = load_settings(
         kafka={
@@ -136,11 +130,11 @@ def main(seconds: float, ms_per_frame: float, stats: Path | None = None) -> None
             "commands_topic": f"{prefix}.commands",
             "dlq_topic": f"{prefix}.dlq",
             "session_timeout_ms": 6000,
-            "fetch_wait_max_ms": int(os.environ.get("PROBE_FETCH_WAIT_MS", "10")),
-            "client": json.loads(os.environ.get("PROBE_CLIENT", "{}")),
+            "fetch_wait_max_ms": fetch_wait_ms,
+            "client": client or {},
             "metadata_refresh_ms": 1000,
         },
-        redis={"url": f"redis://127.0.0.1:{redis.port}/0", "key_prefix": f"{prefix}:"},
+        redis={"url": f"redis://127.0.0.1:{redis_port}/0", "key_prefix": f"{prefix}:"},
         model={"checkpoint": work / "none.pt"},
         batch={"max_size": 32, "decode_threads": 2},
         observe={"enabled": False, "stats_interval_ms": 5000},
@@ -149,9 +143,30 @@ def main(seconds: float, ms_per_frame: float, stats: Path | None = None) -> None
     )
     ensure_topics(settings.kafka, {f"{prefix}.frames.{s}": 1 for s in STATIONS})
     ensure_topics(settings.kafka, {settings.kafka.commands_topic: 1, settings.kafka.dlq_topic: 1})
-    table = RoutingTable(default_chute="C-99", review_chute="REVIEW", min_confidence=0.5, routes={})
+    return settings
+
+
+def probe_pipeline(settings, table: RoutingTable, ms_per_frame: float) -> Pipeline:
+    """The worker's pipeline with the sleeping model, the probe's Redis and two decode threads."""
     cache = RedisDecisionCache(settings.redis.url.get_secret_value(), key_prefix=settings.redis.key_prefix, ttl_s=600)
-    pipeline = Pipeline(SleepModel(ms_per_frame), table, cache, Decoder(2, 40_000_000), worker_id="w")
+    return Pipeline(SleepModel(ms_per_frame), table, cache, Decoder(2, 40_000_000), worker_id="w")
+
+
+def main(seconds: float, ms_per_frame: float, stats: Path | None = None) -> None:
+    configure_logging(os.environ.get("PROBE_LOG_LEVEL", "warning"))
+    if stats is not None:
+        keep_stats(stats)
+    work = Path(tempfile.mkdtemp())
+    broker = tansu_broker(workdir=work).start()
+    redis = redis_server(workdir=work).start()
+    bootstrap = f"127.0.0.1:{broker.port}"
+    prefix = f"wp{uuid.uuid4().hex[:4]}"
+    fetch_wait_ms = int(os.environ.get("PROBE_FETCH_WAIT_MS", "10"))
+    settings = probe_settings(
+        bootstrap, redis.port, work, prefix, fetch_wait_ms, json.loads(os.environ.get("PROBE_CLIENT", "{}"))
+    )
+    table = RoutingTable(default_chute="C-99", review_chute="REVIEW", min_confidence=0.5, routes={})
+    pipeline = probe_pipeline(settings, table, ms_per_frame)
     routed, lags = [0], defaultdict(list)  # station -> lags (s) since the last report
 
     def on_batch(result) -> None:

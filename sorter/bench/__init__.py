@@ -13,7 +13,9 @@ depend on them):
    delivered) and, with ``--paced-seconds 600``, memory over time;
 3. **naive**: one message at a time, full-size decode, fp32, batch of one, synchronous produce and
    commit, what a first version from the design sketch would do;
-4. **broker**: consume and produce the same messages with no model: what the broker and client cost.
+4. **broker**: consume and produce the same messages with no model: what the broker and client cost;
+5. **quix** (with ``--quix-python``): the same model in a Quix Streams application, one message at a
+   time as its API invites, with every item checked for exactly one command.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 
 from sorter.bench.ceiling import ceiling
 from sorter.bench.inputs import BenchConfig, Frames, decode_threads_for, make_checkpoint, make_frames
+from sorter.bench.quix import quix
 from sorter.bench.report import machine, plot, save, summary_lines
 from sorter.bench.streaming import broker_only, e2e, naive, paced
 from sorter.logs import get_logger
@@ -61,6 +64,10 @@ def run(cfg: BenchConfig) -> dict:
         slow = naive(cfg, frames, checkpoint, bootstrap)
         log.info("bench.stage", stage="broker")
         bro = broker_only(cfg, frames, bootstrap)
+        qx = None
+        if cfg.quix_python is not None:
+            log.info("bench.stage", stage="quix")
+            qx = quix(cfg, frames, checkpoint, bootstrap)
     finally:
         for s in services:
             s.stop()
@@ -93,4 +100,9 @@ def run(cfg: BenchConfig) -> dict:
         "p99_ms_paced": pace["latency"]["p99_ms"],
         **({"p99_ms_at_70pct": pace["latency"]["p99_ms"]} if cfg.paced_fraction == 0.7 else {}),
     }
+    if qx is not None:
+        result["quix"] = qx
+        result["quix_fps"] = qx.get("fps")
+        if qx.get("fps"):
+            result["e2e_over_quix"] = round(end["fps"] / qx["fps"], 2)
     return result

@@ -27,7 +27,8 @@ class BenchConfig:
     batch_sizes: tuple[int, ...] = (8, 16, 32)
     max_wait_ms: int | None = None  # the worker's batch.max_wait_ms; None: the setting's default
     latency_budget_ms: int = 0  # the worker's batch.latency_budget_ms (0: off, the default)
-    naive_frames: int = 100
+    naive_frames: int = 100  # also the Quix Streams application's
+    quix_python: Path | None = None  # interpreter of a venv with the bench-quix extra: stage 5 runs when set
     paced_seconds: float = 20.0
     paced_fraction: float = 0.7
     decode_threads: int | None = None

@@ -59,7 +59,10 @@ def plot(result: dict, path: Path) -> Path:
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4.4), gridspec_kw={"width_ratios": [1, 1, 1.4]})
     names = ["naive\nloop", "end to end\n(worker)", "compute\nceiling", "broker\nonly"]
     values = [result["naive_fps"], result["e2e_fps"], result["ceiling_fps"], result["broker_fps"]]
-    bars = a.bar(names, values, color=["#bbb", "#2a7", "#357", "#a85"])
+    colours = ["#bbb", "#2a7", "#357", "#a85"]
+    if result.get("quix_fps"):
+        names, values, colours = ["Quix\nStreams", *names], [result["quix_fps"], *values], ["#999", *colours]
+    bars = a.bar(names, values, color=colours)
     a.set_yscale("log")
     a.set_ylabel("frames/s (log)")
     a.bar_label(bars, fmt="%.0f")
@@ -106,10 +109,22 @@ def summary_lines(r: dict) -> list[str]:
         f"{r['e2e_over_naive']:.1f}x naive (mean batch {e['mean_batch']})",
         f"naive     {r['naive_fps']:8.1f} frames/s",
         f"broker    {r['broker_fps']:8.1f} frames/s (no model)",
+        *_quix_lines(r.get("quix")),
         f"per frame: decode wait {e['decode_wait_ms_per_frame']} ms, model {e['infer_ms_per_frame']} ms, "
         f"rest {e['other_ms_per_frame']} ms",
         f"paced at {p['rate']} frames/s: latency p50 {lat['p50_ms']} p95 {lat['p95_ms']} p99 {lat['p99_ms']} ms; "
         f"RSS {rss['start']} -> {rss['end']} MB ({rss['slope_mb_per_min']} MB/min)",
         "  where the milliseconds go (paced; p50 / p99 ms): "
         + ", ".join(f"{k} {v['p50_ms']:g} / {v['p99_ms']:g}" for k, v in p.get("latency_breakdown", {}).items()),
+    ]
+
+
+def _quix_lines(q: dict | None) -> list[str]:
+    if q is None:
+        return []
+    if q.get("error") and not q.get("fps"):
+        return [f"quix      failed: {q['error']}"]
+    return [
+        f"quix      {q['fps']:8.1f} frames/s ({q['versions']}): {q['commands']} commands for {q['frames']} items, "
+        f"{q['missing']} missing, {q['duplicates']} duplicates"
     ]

@@ -12,9 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
-import torch
 
 from sorter.bench.inputs import STATIONS, BenchConfig, Frames, decode_threads_for
 from sorter.progress import make_progress
@@ -272,17 +270,14 @@ def paced(cfg: BenchConfig, frames: Frames, checkpoint: Path, bootstrap: str, re
 def naive(cfg: BenchConfig, frames: Frames, checkpoint: Path, bootstrap: str) -> dict:
     from confluent_kafka import Producer
 
-    from sorter.model.checkpoint import load_checkpoint
+    from sorter.bench.one_at_a_time import OnePhoto
     from sorter.stream.kafka import ensure_topics
 
     prefix = f"naive{uuid.uuid4().hex[:6]}"
     topic = f"{prefix}.frames.s1"
     ensure_topics(KafkaSettings(bootstrap_servers=bootstrap), {topic: 1, f"{prefix}.commands": 1})
     _preload_one(bootstrap, topic, frames, cfg.naive_frames)
-    device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
-    model, meta = load_checkpoint(checkpoint, device)
-    mean = torch.tensor(meta.mean).view(1, 3, 1, 1)
-    std = torch.tensor(meta.std).view(1, 3, 1, 1)
+    classify = OnePhoto(checkpoint, cfg.device)
     consumer = _reader(bootstrap, f"{prefix}-group")
     producer = Producer(kafka_config(KafkaSettings(bootstrap_servers=bootstrap), {"linger.ms": 0}))
     consumer.subscribe([topic])
@@ -293,13 +288,8 @@ def naive(cfg: BenchConfig, frames: Frames, checkpoint: Path, bootstrap: str) ->
             m = consumer.poll(1.0)
             if m is None or m.error():
                 continue
-            rgb = cv2.cvtColor(cv2.imdecode(np.frombuffer(m.value(), np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-            rgb = cv2.resize(rgb, (meta.image_size, meta.image_size), interpolation=cv2.INTER_AREA)
-            x = (torch.from_numpy(rgb).permute(2, 0, 1).float().unsqueeze(0) / 255 - mean) / std
-            with torch.no_grad():
-                probs = torch.softmax(model(x.to(device)), dim=1)[0]
-            conf, idx = probs.max(0)
-            command = {"item_id": m.key().decode(), "label": meta.classes[int(idx)], "confidence": float(conf)}
+            label, conf = classify(m.value())
+            command = {"item_id": m.key().decode(), "label": label, "confidence": conf}
             producer.produce(f"{prefix}.commands", json.dumps(command).encode(), m.key())
             producer.flush(10)
             consumer.commit(message=m, asynchronous=False)

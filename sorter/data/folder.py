@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -60,6 +61,14 @@ def _label_dirs(root: Path) -> list[Path]:
 
 def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def images_under(folder: Path) -> list[Path]:
+    """Every photo under ``folder``, in any layout (no labels), following linked folders."""
+    if not folder.is_dir():
+        raise DatasetError(f"{folder} is not a folder")
+    found = (Path(d) / f for d, _, files in os.walk(folder, followlinks=True) for f in files)
+    return sorted(p for p in found if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def scan(root: Path, classes: Sequence[str] | None = None) -> tuple[list[str], list[Sample]]:

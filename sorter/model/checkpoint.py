@@ -6,11 +6,14 @@ File layout (a ``torch.save`` of plain containers, so it loads with ``weights_on
      "meta": {... ModelMeta as JSON-compatible types ...},
      "state_dict": {name: tensor},
      "sha256": hex digest over meta + every tensor's name, dtype, shape and bytes,
-     "int8": {...}}   # optional, ``sorter quantize``: the OpenVINO int8 model ("xml", "bin": uint8 tensors),
+     "int8": {...},   # optional, ``sorter quantize``: the OpenVINO int8 model ("xml", "bin": uint8 tensors),
                       # its report ("report": JSON text) and a digest over those and the "sha256" above
+     "ood": {...}}    # optional: the unknown-product score and threshold ("meta": OodMeta as JSON) and a
+                      # digest over it and the "sha256" above
 
-The int8 section stands beside the rest and changes nothing in it: a sorter that does not know it
-reads, verifies and serves the fp32 weights as before (rolling a fleet back keeps working).
+The int8 and ood sections stand beside the rest and change nothing in it: a sorter that does not know
+them reads, verifies and serves the fp32 weights as before (rolling a fleet back keeps working; that
+sorter then has no unknown-product detection). ``ModelMeta.ood`` is filled from the ood section.
 
 Loading refuses, with a message that says what to fix: a file that is not there, truncated or not a
 torch file; one that would need pickled code; another format or version; a digest that does not
@@ -33,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sorter.errors import CheckpointError
 from sorter.model.backbones import BACKBONES
 from sorter.model.classifier import AttentionClassifier, build_classifier
+from sorter.model.ood import OodMeta
 from sorter.model.serialization import safe_torch_load
 
 FORMAT = "sorter-checkpoint"
@@ -61,6 +65,7 @@ class ModelMeta(BaseModel):
     seen: list[str] = Field(
         default_factory=list, description="content digests of the photos that trained or tuned the model"
     )
+    ood: OodMeta | None = Field(None, description="unknown-product score and threshold (None: trained before them)")
 
     @field_validator("backbone")
     @classmethod
@@ -123,6 +128,11 @@ def _int8_digest(main_digest: str, report: str, model: dict[str, torch.Tensor]) 
     return h.hexdigest()
 
 
+def _ood_digest(main_digest: str, ood: dict[str, Any]) -> str:
+    """Binds the unknown-product threshold to the weights it was fitted for."""
+    return hashlib.sha256(f"{main_digest}|{json.dumps(ood, sort_keys=True)}".encode()).hexdigest()
+
+
 def save_checkpoint(
     path: Path,
     model: AttentionClassifier,
@@ -136,7 +146,7 @@ def save_checkpoint(
         k: v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()
         for k, v in model.state_dict().items()
     }
-    meta_json = meta.model_dump(mode="json")
+    meta_json = meta.model_dump(mode="json", exclude={"ood"})
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -144,6 +154,9 @@ def save_checkpoint(
         "state_dict": state,
         "sha256": _digest(meta_json, state),
     }
+    if meta.ood is not None:
+        ood = meta.ood.model_dump(mode="json")
+        payload["ood"] = {"meta": ood, "sha256": _ood_digest(payload["sha256"], ood)}
     if int8 is not None:
         report = json.dumps(int8_report or {}, sort_keys=True)
         model8 = {"xml": int8["xml"], "bin": int8["bin"]}
@@ -179,11 +192,31 @@ def read_checkpoint(path: Path) -> Checkpoint:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors())
         raise CheckpointError(f"checkpoint {path} has invalid metadata ({problems})") from None
+    meta = meta.model_copy(update={"ood": _read_ood(path, payload)})
     try:
         int8, report = _read_int8(path, payload)
     except CheckpointError as exc:  # the fp32 weights verified: they serve; only precision int8 stops on it
         return Checkpoint(meta, state, int8_problem=str(exc))
     return Checkpoint(meta, state, int8, report)
+
+
+def _read_ood(path: Path, payload: dict) -> OodMeta | None:
+    """The unknown-product section, verified; one that does not verify stops start-up (routing would change
+    silently otherwise)."""
+    section = payload.get("ood")
+    if section is None:
+        return None
+    ood = section.get("meta") if isinstance(section, dict) else None
+    if not isinstance(ood, dict) or section.get("sha256") != _ood_digest(payload["sha256"], ood):
+        raise CheckpointError(
+            f"checkpoint {path}'s unknown-product threshold fails its integrity check (changed after it was "
+            "written, or made for other weights): retrain, or use the original file"
+        )
+    try:
+        return OodMeta.model_validate(ood)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise CheckpointError(f"checkpoint {path} has an invalid unknown-product threshold ({problems})") from None
 
 
 def _read_int8(path: Path, payload: dict) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any] | None]:

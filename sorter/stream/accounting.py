@@ -23,6 +23,7 @@ class WorkerStats:
     cached_commands: int = 0
     dead_letters: Counter = field(default_factory=Counter)
     cache_hits: int = 0
+    late_frames: int = 0
     producer_restarts: int = 0
     delivery_retries: int = 0
     revoked_dropped: int = 0
@@ -56,6 +57,7 @@ class Accounting:
         s.commands += len(result.commands)
         s.cached_commands += sum(c.cached for c in result.commands)
         s.cache_hits += result.cache_hits
+        s.late_frames += len(result.late)
         for d in result.dead_letters:
             s.dead_letters[d.reason] += 1
             log.warning(
@@ -86,6 +88,7 @@ class Accounting:
                 reason=c.reason,
                 frames=c.frames,
                 cached=c.cached,
+                ood_score=c.ood_score,
                 latency_ms=round(delivered_ms - c.captured_at, 1) if c.captured_at and delivered_ms else None,
             )
         for h in result.hits:
@@ -109,6 +112,7 @@ class Accounting:
             commands=len(result.commands),
             dead_letters=len(result.dead_letters),
             cache_hits=result.cache_hits,
+            late=len(result.late),
             classified=result.classified,
             cache_up=self.cache_up(),
             decode_ms=round(result.decode_s * 1000, 2),

@@ -88,6 +88,8 @@ def build_pipeline(settings: Settings, checked: Checked | None = None) -> Pipeli
         precision=model.precision,
         compiled=model.buckets is not None,
         compile_s=round(model.compile_s, 1),
+        # unknown-product detection: on with the checkpoint's threshold (and the table's switch), else off
+        unknown_products=model.meta.ood.model_dump() if model.meta.ood else "off: the checkpoint has no threshold",
     )
     b = settings.batch
     return Pipeline(

@@ -34,7 +34,7 @@ STATION_ID_PATTERN = CAMERA_ID_PATTERN = ITEM_ID_PATTERN
 # mistake (seconds, microseconds) or garbage, and would poison latency metrics.
 MIN_CAPTURED_AT_MS, MAX_CAPTURED_AT_MS = 946_684_800_000, 4_102_444_800_000
 
-Reason = Literal["classified", "low_confidence", "unknown_sku", "station_override"]
+Reason = Literal["classified", "low_confidence", "unknown_sku", "station_override", "late", "unknown_product"]
 
 
 class FrameError(SorterError):
@@ -173,6 +173,9 @@ class RoutingCommand(BaseModel):
     worker_id: str
     frames: int = Field(1, description="frames of this item that the decision used")
     cached: bool = Field(False, description="decided earlier (another station or pass), reused without the model")
+    ood_score: float | None = Field(
+        None, description="unknown-product score of the deciding photo (higher: less like any trained product)"
+    )
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json().encode()

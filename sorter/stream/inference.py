@@ -19,6 +19,7 @@ import torch
 from sorter.logs import get_logger
 from sorter.model import int8
 from sorter.model.checkpoint import Checkpoint, ModelMeta
+from sorter.model.ood import ood_scores
 from sorter.model.serving import load_for_serving
 
 log = get_logger("sorter.model")
@@ -30,6 +31,8 @@ class Prediction:
     label: str
     sku: str
     confidence: float
+    ood_score: float | None = None  # unknown-product score (model/ood.py); None: the checkpoint has no threshold
+    unknown: bool = False  # ood_score above the checkpoint's threshold: a product the model was not trained on
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -120,7 +123,9 @@ class Classifier:
             logits = self.model(self.normalizer(batch))
         probs = torch.softmax(logits.float(), dim=1)
         confidence, index = probs.max(dim=1)
+        ood = self.meta.ood
+        scores = ood_scores(logits[:n], ood.score).tolist() if ood else [None] * n
         return [
-            Prediction(i, self.meta.classes[i], self.meta.skus[i], c)
-            for i, c in zip(index.tolist()[:n], confidence.tolist()[:n], strict=True)
+            Prediction(i, self.meta.classes[i], self.meta.skus[i], c, s, s is not None and s > ood.threshold)
+            for i, c, s in zip(index.tolist()[:n], confidence.tolist()[:n], scores, strict=True)
         ]

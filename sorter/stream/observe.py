@@ -132,6 +132,12 @@ class Metrics:
         self.commands = Counter(
             "sorter_commands", "routing commands delivered", ["station", "chute", "reason"], registry=r
         )
+        self.late = Counter(
+            "sorter_late_frames",
+            "frames past their station's decision deadline when read: not classified, item sent to the late chute",
+            ["station"],
+            registry=r,
+        )
         self.batches = Counter("sorter_batches", "batches processed", registry=r)
         self.batch_frames = Histogram("sorter_batch_frames", "frames per batch", buckets=BATCH_BUCKETS, registry=r)
         self.decode_s = Histogram("sorter_decode_seconds", "decode time per batch", buckets=STAGE_BUCKETS, registry=r)
@@ -178,6 +184,7 @@ class Metrics:
     def _new_station(self, station: str) -> None:
         for reason in DEAD_LETTER_REASONS:
             self.dead.labels(station=station, reason=reason)
+        self.late.labels(station)
 
     def observe_batch(self, result: BatchResult, frames_by_topic: dict[str, int], seconds: float):
         delivered_ms = result.times.delivered
@@ -198,6 +205,8 @@ class Metrics:
         for d in result.dead_letters:
             station = self.station(dead_letter_station(d.raw, self.topic_prefix))
             self.dead.labels(station=station, reason=d.reason).inc()
+        for f in result.late:
+            self.late.labels(self.station(f.station_id)).inc()
         for c in result.commands:
             self.commands.labels(station=self.station(c.station_id), chute=c.chute, reason=c.reason).inc()
             if c.captured_at and delivered_ms:

@@ -12,7 +12,12 @@ Policy for several frames of one item (several cameras, a photo retaken, a secon
 2. frames of one item at one station in the same batch are all classified, and the most confident one
    decides (one command, ``frames`` says how many were used);
 3. a frame that breaks the contract or cannot be decoded goes to the dead-letter topic with a reason;
-   the item's other frames still decide.
+   the item's other frames still decide;
+4. a frame already past its station's decision deadline (``decision_deadline_ms`` in the routing table)
+   when its batch starts is not classified: its item has passed the diverter, so it gets a ``late``
+   command to the late chute at once (one per item and station in the batch). The cache remembers that
+   pass, so the item's other views of it get no second command, and a later pass is decided afresh (the
+   item's earlier prediction, if any, is kept for other stations).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from sorter.model.preprocess import load_for_model
 from sorter.stream.cache import DecisionCache
 from sorter.stream.contracts import CommandSource, Frame, FrameError, RawFrame, RoutingCommand, parse_frame
 from sorter.stream.inference import Prediction
-from sorter.stream.routing import RoutingTable, decide
+from sorter.stream.routing import Decision, RoutingTable, decide, late
 from sorter.stream.timeline import BatchTimes, wall_ms
 
 
@@ -70,6 +75,7 @@ class BatchResult:
     dead_letters: list[DeadLetter] = field(default_factory=list)
     decisions: dict[str, dict] = field(default_factory=dict)  # item_id -> what the cache should remember
     hits: list[CacheHit] = field(default_factory=list)  # one per frame answered from the cache
+    late: list[Frame] = field(default_factory=list)  # past their deadline: not classified, sent to the late chute
     cache_hits: int = 0  # len(hits)
     frames: int = 0
     classified: int = 0
@@ -131,6 +137,10 @@ class Pipeline:
         self.max_payload_bytes = max_payload_bytes
         self.pass_window_ms = pass_window_ms
         self.clock_ms = clock_ms
+        # frames past their station's deadline go to the late chute; off for a direct replay (no queue)
+        self.judge_late = routes.decision_deadline_ms is not None or any(
+            o.decision_deadline_ms for o in routes.stations.values()
+        )
 
     def close(self, wait: bool = True) -> None:
         """Stop the decode threads and close the cache's connections (``wait=False``: a batch was given up)."""
@@ -144,9 +154,19 @@ class Pipeline:
         """Start decoding one photo ahead of :meth:`process` (which then only waits for it), so decoding
         overlaps the model's work on the batch before. Oversized payloads are not decoded (None); a photo
         whose item turns out to be decided already was decoded for nothing."""
-        if raw.value and len(raw.value) <= self.max_payload_bytes:
+        if raw.value and len(raw.value) <= self.max_payload_bytes and not self._late_already(raw):
             return self.decoder.submit(raw.value, self.model.input_size)
         return None
+
+    def _late_already(self, raw: RawFrame) -> bool:
+        """Past its deadline when fetched, so it will not be classified: decoding it would only slow a drain."""
+        if not self.judge_late:
+            return False
+        try:
+            frame = parse_frame(raw, self.topic_prefix)
+        except FrameError:
+            return False  # process() dead-letters it
+        return late(self.routes, frame.station_id, _age(self.clock_ms(), frame)) is not None
 
     def process(
         self, raws: Sequence[RawFrame], predecoded: dict[int, Future] | None = None, times: BatchTimes | None = None
@@ -170,19 +190,42 @@ class Pipeline:
                 self._dead(result, raw, exc.reason, exc)
 
         known = self.cache.get_many(list(dict.fromkeys(f.item_id for f in frames)))
-        fresh = [f for f in frames if f.item_id not in known]
+        now = self.clock_ms()
+        fresh: list[Frame] = []
         again: dict[tuple[str, str], list[Frame]] = defaultdict(list)  # decided before, not in this pass
+        overdue: dict[tuple[str, str], list[Frame]] = defaultdict(list)  # past the deadline
+        verdicts: dict[tuple[str, str], Decision] = {}
         for f in frames:
-            if f.item_id in known:
-                new_pass = not self._same_pass(known[f.item_id], f)
-                result.hits.append(CacheHit(f, known[f.item_id].get("decided_at"), new_pass))
-                if new_pass:
-                    again[(f.item_id, f.station_id)].append(f)
+            cached = known.get(f.item_id)
+            if cached is not None and self._same_pass(cached, f):
+                result.hits.append(CacheHit(f, cached.get("decided_at"), False))
+            elif self.judge_late and (verdict := late(self.routes, f.station_id, _age(now, f))):
+                overdue[(f.item_id, f.station_id)].append(f)
+                verdicts.setdefault((f.item_id, f.station_id), verdict)
+                result.late.append(f)
+            elif cached is not None and _prediction(cached):
+                result.hits.append(CacheHit(f, cached.get("decided_at"), True))
+                again[(f.item_id, f.station_id)].append(f)
+            else:  # never decided, or only sent to a late chute before: classify
+                fresh.append(f)
+        # one decision per item and station pass: when a view in time (or without a capture time) decides it,
+        # that pass's late views in this batch join it instead of getting a late command of their own (and
+        # still decide if the view in time turns out not to decode)
+        fresh_keys = {(f.item_id, f.station_id) for f in fresh}
+        for key in [k for k in overdue if k in again or k in fresh_keys]:
+            views = overdue.pop(key)
+            if key in again:
+                again[key].extend(views)
+                result.hits.extend(CacheHit(f, known[key[0]].get("decided_at"), True) for f in views)
+            else:
+                fresh.extend(views)
+        result.late = [f for f in result.late if (f.item_id, f.station_id) in overdue]
         result.cache_hits = len(result.hits)
         result.times.looked_up = wall_ms()
-        decided_at = self.clock_ms()
         for (item_id, _), views in again.items():
-            self._reuse(result, known[item_id], views, decided_at)
+            self._reuse(result, known[item_id], views, now)
+        for key, views in overdue.items():
+            self._late(result, known.get(key[0]), views, verdicts[key], now)
 
         started = time.perf_counter()  # with predecoding: the time spent waiting for the decoders
         size = self.model.input_size  # what the loop did not start decoding, starts now
@@ -211,10 +254,12 @@ class Pipeline:
         for candidates in by_item.values():
             frame, best = max(candidates, key=lambda c: _finite(c[1].confidence))
             confidence = round(_finite(best.confidence), 6)  # a NaN from the model goes to review, never a chute
-            decision = decide(self.routes, frame.station_id, best.sku, best.label, confidence)
+            decision = decide(self.routes, frame.station_id, best.sku, best.label, confidence, unknown=best.unknown)
+            earlier = known.get(frame.item_id)  # only sent to a late chute before: keep the passes it remembers
             self._command(
-                result, frame, best.sku, best.label, confidence, decision, self.model.model_version,
-                decided_at, frames=len(candidates), cached=False, passes={},
+                result, frame, best.sku, best.label, confidence, decision, self.model.model_version, decided_at,
+                frames=len(candidates), cached=False, passes=self._passes(earlier) or {} if earlier else {},
+                ood=(best.ood_score, best.unknown),
             )  # fmt: skip
         result.times.routed = wall_ms()
         return result
@@ -244,15 +289,35 @@ class Pipeline:
         frame = views[0]
         confidence = _finite(float(cached.get("confidence", 0.0)))
         sku, label = cached.get("sku"), cached.get("label")
-        decision = decide(self.routes, frame.station_id, sku, label, confidence)
+        unknown = bool(cached.get("unknown", False))
+        decision = decide(self.routes, frame.station_id, sku, label, confidence, unknown=unknown)
         version = str(cached.get("model_version", self.model.model_version))
         self._command(
             result, frame, sku, label, confidence, decision, version, decided_at, len(views), cached=True,
-            passes=self._passes(cached) or {},
+            passes=self._passes(cached) or {}, ood=(cached.get("ood_score"), unknown),
         )  # fmt: skip
 
+    def _late(self, result: BatchResult, cached: dict | None, views: list[Frame], decision: Decision,
+              decided_at: int) -> None:  # fmt: skip
+        """A ``late`` command (unclassified, to the late chute); the cache keeps any earlier prediction of the
+        item, so another station can still reuse it, and remembers this pass so its other views are quiet."""
+        frame = views[0]
+        earlier = result.decisions.get(frame.item_id)  # this item at another station, this batch
+        prediction = earlier if earlier and _prediction(earlier) else cached if cached and _prediction(cached) else None
+        self._command(
+            result, frame, None, None, 0.0, decision, self.model.model_version, decided_at, len(views), cached=False,
+            passes=self._passes(cached) or {} if cached else {},
+        )  # fmt: skip
+        entry = result.decisions[frame.item_id]
+        if prediction is None:
+            entry["late"] = True  # no prediction to reuse: the next pass is classified
+        else:
+            keep = ("chute", "reason", "sku", "label", "confidence", "model_version", "decided_at", "ood_score",
+                    "unknown")  # fmt: skip
+            entry.update({k: prediction[k] for k in keep if k in prediction})
+
     def _command(self, result, frame, sku, label, confidence, decision, version, decided_at, frames, *, cached,
-                 passes: dict[str, int]):  # fmt: skip
+                 passes: dict[str, int], ood: tuple[float | None, bool] = (None, False)):  # fmt: skip
         command = RoutingCommand(
             item_id=frame.item_id,
             station_id=frame.station_id,
@@ -269,6 +334,7 @@ class Pipeline:
             worker_id=self.worker_id,
             frames=frames,
             cached=cached,
+            ood_score=None if ood[0] is None or not math.isfinite(ood[0]) else round(ood[0], 4),
         )
         result.commands.append(command)
         earlier = result.decisions.get(frame.item_id, {}).get("passes", {})  # another station, this batch
@@ -284,10 +350,22 @@ class Pipeline:
             "station_id": command.station_id,
             "captured_at": command.captured_at,
             "passes": dict(sorted(passes.items(), key=lambda kv: kv[1])[-MAX_PASSES:]),
+            "ood_score": command.ood_score,
+            "unknown": ood[1],
         }
 
 
 MAX_PASSES = 16  # stations remembered per item (the most recent passes)
+
+
+def _age(now_ms: int, frame: Frame) -> int | None:
+    """How old a frame is now (captured-at to now), or None without a capture time."""
+    return None if frame.captured_at_ms is None else now_ms - frame.captured_at_ms
+
+
+def _prediction(entry: dict) -> bool:
+    """Does a remembered decision carry a prediction to reuse (not only a pass sent to the late chute)?"""
+    return not entry.get("late")
 
 
 def _finite(confidence: float) -> float:

@@ -8,14 +8,19 @@ Routing table (YAML or JSON)::
     routes:                      # SKU id or class label -> chute (a SKU match wins over a label match)
       SKU-100000: "C-01"
       bottle-yellow-dots: "C-02"
-    stations:                    # per-station overrides (any of the fields above)
+    decision_deadline_ms: 800    # scan-to-divert budget: a frame older than this when read is not classified
+    late_chute: "RECIRC"         # ... its item goes here at once (reason ``late``); required with a deadline
+    stations:                    # per-station overrides (any of the fields above; deadline 0: none here)
       dock-7:
         min_confidence: 0.9
         routes: {SKU-100000: "C-11"}
 
-Decision order: confidence below the station's threshold -> review (``low_confidence``); a station
-route -> that chute (``station_override``); a global route -> that chute (``classified``); otherwise the
-default chute (``unknown_sku``).
+Decision order: a frame past its station's deadline -> the late chute (``late``, see :func:`late`, applied
+before the model runs); a photo scored as a product the model was never trained on -> review
+(``unknown_product``, with the checkpoint's fitted threshold; ``review_unknown_products: false`` turns it
+off, at the top level or for a station); confidence below the station's threshold -> review
+(``low_confidence``); a station route -> that chute (``station_override``); a global route -> that chute
+(``classified``); otherwise the default chute (``unknown_sku``).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import json
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sorter.errors import ConfigError
 
@@ -36,6 +41,9 @@ class StationOverride(BaseModel):
     review_chute: str | None = Field(None, min_length=1)
     min_confidence: float | None = Field(None, ge=0, le=1)
     routes: dict[str, str] = Field(default_factory=dict)
+    decision_deadline_ms: int | None = Field(None, ge=0, strict=True)  # 0: no deadline at this station
+    late_chute: str | None = Field(None, min_length=1)
+    review_unknown_products: bool | None = None
 
 
 class RoutingTable(BaseModel):
@@ -45,7 +53,32 @@ class RoutingTable(BaseModel):
     review_chute: str = Field(min_length=1)
     min_confidence: float = Field(0.8, ge=0, le=1)
     routes: dict[str, str] = Field(default_factory=dict)
+    decision_deadline_ms: int | None = Field(None, gt=0, strict=True)  # None: classified however old
+    late_chute: str | None = Field(None, min_length=1)
+    # a photo the model scores as unlike every trained product (the checkpoint's fitted threshold) -> review
+    review_unknown_products: bool = True
     stations: dict[str, StationOverride] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _a_deadline_needs_a_late_chute(self) -> RoutingTable:
+        where = ["decision_deadline_ms"] if self.decision_deadline_ms is not None and not self.late_chute else []
+        where += [
+            f"stations.{name}"
+            for name, o in self.stations.items()
+            if o.decision_deadline_ms and not (o.late_chute or self.late_chute)
+        ]
+        if where:
+            raise ValueError(
+                f"a decision deadline needs a late_chute, where late items go (recirculation), at: {', '.join(where)}"
+            )
+        return self
+
+    def deadline(self, station_id: str) -> int | None:
+        """The station's scan-to-divert budget in ms, or None (no deadline there)."""
+        station = self.stations.get(station_id)
+        ms = station.decision_deadline_ms if station and station.decision_deadline_ms is not None else None
+        ms = self.decision_deadline_ms if ms is None else ms
+        return ms or None
 
 
 class Decision(BaseModel):
@@ -55,11 +88,24 @@ class Decision(BaseModel):
     reason: str
 
 
-def decide(table: RoutingTable, station_id: str, sku: str | None, label: str | None, confidence: float) -> Decision:
+def decide(
+    table: RoutingTable,
+    station_id: str,
+    sku: str | None,
+    label: str | None,
+    confidence: float,
+    *,
+    unknown: bool = False,
+) -> Decision:
+    """``unknown``: the photo's unknown-product score is over the checkpoint's threshold (model/ood.py)."""
     station = table.stations.get(station_id)
     threshold = station.min_confidence if station and station.min_confidence is not None else table.min_confidence
+    review = station.review_chute if station and station.review_chute else table.review_chute
+    if unknown:
+        on = station.review_unknown_products if station and station.review_unknown_products is not None else None
+        if table.review_unknown_products if on is None else on:
+            return Decision(chute=review, reason="unknown_product")
     if confidence < threshold:
-        review = station.review_chute if station and station.review_chute else table.review_chute
         return Decision(chute=review, reason="low_confidence")
     keys = [k for k in (sku, label) if k]
     if station:
@@ -71,6 +117,18 @@ def decide(table: RoutingTable, station_id: str, sku: str | None, label: str | N
             return Decision(chute=table.routes[key], reason="classified")
     default = station.default_chute if station and station.default_chute else table.default_chute
     return Decision(chute=default, reason="unknown_sku")
+
+
+def late(table: RoutingTable, station_id: str, age_ms: float | None) -> Decision | None:
+    """The ``late`` decision for a frame ``age_ms`` old when read (captured-at to now), if that is past its
+    station's deadline: its item has passed the diverter, so it goes to the late chute unclassified. None:
+    in time, no deadline at this station, or no capture time to judge by."""
+    deadline = table.deadline(station_id)
+    if deadline is None or age_ms is None or age_ms <= deadline:
+        return None
+    station = table.stations.get(station_id)
+    chute = station.late_chute if station and station.late_chute else table.late_chute
+    return Decision(chute=chute, reason="late")
 
 
 def check_routes(table: RoutingTable, classes: list[str], skus: list[str], *, strict: bool = False) -> list[str]:

@@ -209,7 +209,11 @@ class Worker:
             read_committed=config.get("isolation.level") == "read_committed",  # as the consumer is configured
         )
         self.health.listeners.append(self.fetch_watch.on_stats)
-        self.fair = FairShare() if k.fair_share else None
+        # With decision deadlines a partition far behind drains at broker speed (its frames are late), and
+        # holding the others for it would only make their fresh frames late too: no fair share then.
+        self.fair = FairShare() if k.fair_share and not pipeline.judge_late else None
+        if k.fair_share and pipeline.judge_late:
+            log.info("worker.fair_share_off", why="decision deadlines: late frames drain at broker speed")
         self._watched_at = 0.0
         self.consumer = clients.consumer(
             config

@@ -147,6 +147,9 @@ def simulate(
     width: Annotated[int, typer.Option(help="photo width")] = 640,
     height: Annotated[int, typer.Option(help="photo height")] = 480,
     corrupt_fraction: Annotated[float, typer.Option(help="share of photos cut short (dead-letter path)")] = 0.0,
+    unknown_fraction: Annotated[
+        float, typer.Option(help="share of items that are products outside the --classes (unknown-product path)")
+    ] = 0.0,
     seed: Annotated[int, typer.Option()] = 0,
     run_id: Annotated[str | None, typer.Option(help="item-id infix (default random: ids unique per run)")] = None,
     topic_prefix: Annotated[str, typer.Option(help="frames topic prefix")] = "frames.",
@@ -166,6 +169,7 @@ def simulate(
         classes=classes,
         size=(width, height),
         corrupt_fraction=corrupt_fraction,
+        unknown_fraction=unknown_fraction,
         seed=seed,
         topic_prefix=topic_prefix,
         run_id=run_id,

@@ -214,8 +214,10 @@ def replay_direct(
     """Feed the recording to the worker's pipeline, no broker: one BatchResult per ``batch_size`` frames.
 
     The pipeline's cache stands in for Redis (use ``MemoryCache``), so repeated frames of an item give
-    one decision, as in the worker. Timing is ignored: this is for tests and model comparisons.
+    one decision, as in the worker. Timing is ignored: this is for tests and model comparisons, so no
+    frame is judged late (a recording's capture times are hours old; there is no queue to be late in).
     """
+    pipeline.judge_late = False
     info = survey(reader)
     _check(info, allow_damaged)
     batch: list[RawFrame] = []

@@ -38,6 +38,9 @@ class Photo:
     design: ProductDesign
 
 
+UNKNOWN_DESIGNS = 2  # products beyond the trained catalog that unknown_fraction draws from
+
+
 class Simulator:
     def __init__(
         self,
@@ -48,10 +51,13 @@ class Simulator:
         classes: int = 10,
         size: tuple[int, int] = (640, 480),
         corrupt_fraction: float = 0.0,
+        unknown_fraction: float = 0.0,
         seed: int = 0,
         topic_prefix: str = "frames.",
         run_id: str | None = None,
     ) -> None:
+        """``unknown_fraction``: share of items that are products after the first ``classes`` of the catalog
+        (two of them), which a model trained on those ``classes`` has never seen."""
         if rate <= 0:
             raise ConfigError("rate must be > 0 items per second per station")
         lo, hi = frames_per_item
@@ -60,7 +66,11 @@ class Simulator:
         self.stations = stations
         self.rate = rate
         self.frames_per_item = (lo, hi)
+        if not 0 <= unknown_fraction < 1:
+            raise ConfigError("unknown fraction must be in [0, 1)")
         self.designs = catalog(classes)
+        self.unknown_designs = catalog(classes + UNKNOWN_DESIGNS)[classes:] if unknown_fraction else []
+        self.unknown_fraction = unknown_fraction
         self.size = size
         self.corrupt_fraction = corrupt_fraction
         self.seed = seed
@@ -78,6 +88,8 @@ class Simulator:
         n = 0
         while True:
             design = self.designs[int(rng.integers(len(self.designs)))]
+            if self.unknown_fraction and rng.random() < self.unknown_fraction:
+                design = self.unknown_designs[int(rng.integers(len(self.unknown_designs)))]
             item = f"{station}-{self.run_id}-{n:06d}"
             cameras = int(rng.integers(lo, hi + 1))
             for camera in range(cameras):

@@ -14,10 +14,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from sorter.data.folder import DecodedImages, Sample, photo_digest, scan
+from sorter.data.folder import DecodedImages, Sample, images_under, photo_digest, scan
 from sorter.errors import DatasetError
 from sorter.model.checkpoint import ModelMeta
 from sorter.model.classifier import AttentionClassifier
+from sorter.model.ood import SCORES, OodMeta, at_threshold, auroc, ood_scores
 from sorter.model.preprocess import Normalizer
 from sorter.model.runtime import Runtime
 from sorter.model.serving import load_for_serving
@@ -92,6 +93,7 @@ class FolderScore:
     labels: np.ndarray
     skipped_seen: int  # photos left out because they trained or tuned the model
     precision: str = "fp32"  # what scored them: the worker's choice on this machine (int8, fp32, bf16, ...)
+    unknown: dict | None = None  # with --unknown: how the checkpoint's unknown-product score separates them
 
 
 def evaluate_folder(
@@ -102,15 +104,56 @@ def evaluate_folder(
     precision: str = "auto",
     batch_size: int = 64,
     include_seen: bool = False,
+    unknown: Path | None = None,
 ) -> FolderScore:
+    """``unknown``: a folder of photos of products the model was not trained on (any layout): reports how
+    well the unknown-product score separates them from the known test photos (README, "Unknown products")."""
     served = load_for_serving(checkpoint, device=device, precision=precision)  # as the worker serves it
     meta = served.meta
     root = evaluation_root(data_dir)
     classes, samples, skipped = unseen_samples(root, meta, include_seen)
+    others = unknown_photos(unknown, meta, samples) if unknown is not None else []
     loader = decoded_loader(samples, meta.image_size, batch_size, f"decoding {root.name}")
-    probs, labels = predict(served.model, loader, served.runtime, served.normalizer)
-    evaluation = evaluate_predictions(probs, labels, classes)
-    return FolderScore(evaluation, classes, root, probs, labels, skipped, served.precision)
+    logits, labels = predict_logits(served.model, loader, served.runtime, served.normalizer)
+    probs = torch.softmax(logits, dim=1).numpy()
+    evaluation = evaluate_predictions(probs, labels.numpy(), classes)
+    separation = None
+    if unknown is not None:
+        other = decoded_loader(others, meta.image_size, batch_size, f"decoding {unknown.name}")
+        unknown_logits, _ = predict_logits(served.model, other, served.runtime, served.normalizer)
+        separation = unknown_separation(logits, unknown_logits, meta.ood)
+    return FolderScore(evaluation, classes, root, probs, labels.numpy(), skipped, served.precision, separation)
+
+
+def unknown_photos(folder: Path, meta: ModelMeta, known: list[Sample]) -> list[Sample]:
+    """The photos under ``folder``, refused (before anything is scored) if there are none, or if any of
+    them trained or tuned the model or is among the known photos being scored: not unknown products."""
+    photos = images_under(folder)
+    if not photos:
+        raise DatasetError(f"--unknown {folder}: no photos in it")
+    digests = {photo_digest(p): p for p in photos}
+    seen = digests.keys() & set(meta.seen)
+    scored = digests.keys() & {photo_digest(s.path) for s in known}
+    if seen or scored:
+        example = digests[next(iter(seen or scored))]
+        raise DatasetError(
+            f"--unknown {folder}: {len(seen)} of its photos trained or tuned this model and {len(scored)} are "
+            f"among the known photos scored (e.g. {example}): give it photos of products the model was not "
+            "trained on"
+        )
+    return [Sample(p, 0) for p in photos]
+
+
+def unknown_separation(known: torch.Tensor, unknown: torch.Tensor, fitted: OodMeta | None) -> dict:
+    """AUROC of every score, and what the checkpoint's threshold (if it has one) does to both sets."""
+    out: dict = {"known_photos": len(known), "unknown_photos": len(unknown)}
+    out["auroc"] = {s: round(auroc(ood_scores(known, s).numpy(), ood_scores(unknown, s).numpy()), 4) for s in SCORES}
+    if fitted is not None:
+        shares = at_threshold(
+            ood_scores(known, fitted.score).numpy(), ood_scores(unknown, fitted.score).numpy(), fitted.threshold
+        )
+        out["fitted"] = fitted.model_dump() | {name: round(v, 4) for name, v in shares.items()}
+    return out
 
 
 def unseen_samples(root: Path, meta: ModelMeta, include_seen: bool = False) -> tuple[list[str], list[Sample], int]:

@@ -35,6 +35,7 @@ from sorter.logs import get_logger
 from sorter.model.backbones import IMAGENET_MEAN, IMAGENET_STD
 from sorter.model.checkpoint import ModelMeta, save_checkpoint
 from sorter.model.classifier import AttentionClassifier, build_classifier
+from sorter.model.ood import SCORES, OodMeta, fit_threshold, ood_scores
 from sorter.model.preprocess import Normalizer
 from sorter.model.runtime import Runtime, make_runtime, settle_precision
 from sorter.progress import make_progress, progress_bar
@@ -102,9 +103,12 @@ class TrainConfig:
     dropout: float = 0.2
     mix: str = "auto"  # batch mixing: auto (MIX_MIN_STEPS), none, cutmix, mixup or both (augment.batch_mixer)
     pool: str = "attention"  # A-weighted average: the gate redistributes weight (classifier.py); or "mean"
+    ood_score: str = "energy"  # unknown-product score (model/ood.py), its threshold fitted on the calibration split
+    ood_false_review: float = 0.02  # ... for this share of known products sent to review
 
     def __post_init__(self) -> None:
         from sorter.errors import ConfigError
+        from sorter.model.ood import SCORES
         from sorter.train.augment import MIXES, PRESETS
 
         for name, value, allowed in (
@@ -112,9 +116,12 @@ class TrainConfig:
             ("bn", self.bn, ("auto", "frozen", "train")),
             ("pool", self.pool, ("attention", "mean")),
             ("mix", self.mix, ("auto", *MIXES)),
+            ("ood-score", self.ood_score, SCORES),
         ):
             if value not in allowed:
                 raise ConfigError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
+        if not 0 < self.ood_false_review < 1:
+            raise ConfigError(f"--ood-false-review must be in (0, 1), got {self.ood_false_review}")
         if not 0 <= self.ema < 1:
             raise ConfigError(f"--ema must be in [0, 1), got {self.ema}")
         if self.precision == "int8":
@@ -412,6 +419,7 @@ class Trainer:
         temperature = fit_temperature(logits, labels)
         self.model.temperature.fill_(temperature)
         calibrated = self._validate(loaders[calib_name])
+        ood, thresholds = self._fit_unknown(loaders[calib_name], calib_name)
         evaluation = self._validate(val_loader)
         test = self._validate(loaders["test"]) if loaders["test"] is not None else None
         gate = gate_spread(self.model, loaders["test"] or val_loader, self.runtime, self.normalizer)
@@ -427,6 +435,7 @@ class Trainer:
             log.warning("train.no_test_split", why="the data has no held-out test photos: validation figures only")
         seconds = time.perf_counter() - started
         meta = self._meta(evaluation, test, best["epoch"], seconds, uncalibrated.ece, calibrated.ece, temperature, gate)
+        meta = meta.model_copy(update={"ood": ood, "metrics": meta.metrics | thresholds})
         save_checkpoint(self.out, self.model, meta)
         self._write_reports(meta, evaluation, test, seconds)
         log.info(
@@ -441,6 +450,23 @@ class Trainer:
             seconds=round(seconds, 1),
         )
         return TrainResult(self.out, meta, evaluation, self.history, seconds, test)
+
+    def _fit_unknown(self, loader: DataLoader, split: str) -> tuple[OodMeta, dict[str, float]]:
+        """The unknown-product threshold: the score that ``ood_false_review`` of the split's known photos
+        (never trained on) exceed, on the calibrated logits the worker will see; and every score's
+        threshold (in the checkpoint's metrics, for ``benchmarks/unknown_products.py`` to compare)."""
+        c = self.config
+        logits, _ = predict_logits(self.model, loader, self.runtime, self.normalizer)
+        fitted = {s: fit_threshold(ood_scores(logits, s).numpy(), c.ood_false_review) for s in SCORES}
+        ood = OodMeta(score=c.ood_score, threshold=fitted[c.ood_score], false_review=c.ood_false_review,
+                      fitted_on=split, photos=len(logits))  # fmt: skip
+        log.info("train.unknown_fitted", score=ood.score, threshold=round(ood.threshold, 4), split=split,
+                 photos=ood.photos, false_review=ood.false_review)  # fmt: skip
+        if math.floor(c.ood_false_review * len(logits) + 1e-9) == 0:
+            log.warning("train.unknown_threshold_coarse", photos=len(logits), false_review=c.ood_false_review,
+                        why="too few calibration photos for this rate: the threshold is their highest score, "
+                        "so fewer known and fewer unknown products go to review")  # fmt: skip
+        return ood, {f"ood_threshold_{s}": t for s, t in fitted.items()}
 
     def _meta(
         self,

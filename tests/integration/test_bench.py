@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +26,7 @@ def test_the_benchmark_measures_every_stage_and_reports_ratios(bootstrap, redis_
         device="cpu",
         bootstrap=bootstrap,
         redis_url=redis_url,
+        quix_python=Path(sys.executable),  # sorter's own venv has no Quix Streams: the stage says so, the rest runs
     )
     r = run(cfg)
     for key in ("ceiling_fps", "e2e_fps", "naive_fps", "broker_fps"):
@@ -44,4 +48,20 @@ def test_the_benchmark_measures_every_stage_and_reports_ratios(bootstrap, redis_
     png = plot(r, tmp_path / "bench.png")
     assert png.stat().st_size > 10_000
     assert any("of ceiling" in line for line in summary_lines(r))
+    assert "cannot import quixstreams" in r["quix"]["error"] and r["quix_fps"] is None
+    assert any(line.startswith("quix      failed") for line in summary_lines(r))
     json.dumps(r)  # the --json line is serialisable
+
+
+@pytest.mark.skipif(not os.environ.get("SORTER_QUIX_PYTHON"), reason="set SORTER_QUIX_PYTHON to a venv with bench-quix")
+def test_the_quix_streams_application_gives_every_item_one_command(bootstrap, tmp_path):
+    from sorter.bench.inputs import make_checkpoint, make_frames
+    from sorter.bench.quix import quix
+
+    cfg = BenchConfig(backbone="mobilenet_v2", image_size=64, naive_frames=20, pool=4, device="cpu",
+                      quix_python=Path(os.environ["SORTER_QUIX_PYTHON"]))  # fmt: skip
+    frames = make_frames(cfg.pool)
+    q = quix(cfg, frames, make_checkpoint(cfg, tmp_path, frames), bootstrap)
+    assert q.get("error") is None, q
+    assert q["commands"] == q["frames"] == 20 and q["missing"] == q["duplicates"] == q["unexpected"] == 0
+    assert q["fps"] > 0 and q["versions"].startswith("quixstreams 3.")

@@ -237,3 +237,45 @@ def test_a_partition_the_broker_stops_serving_is_said_not_silent(settings_for, n
     assert worker.stats.frames == n or stalls(), "frames waited on the broker, none arrived, nothing was said"
     for stall in stalls():
         assert stall["partition"] == f"{topic}[0]" and 0 < stall["waiting_frames"] <= n - worker.stats.frames
+
+
+def test_a_backlog_past_its_deadline_drains_to_the_late_chute_without_the_model(
+    settings_for, namespace, bootstrap, routes, tmp_path
+):
+    """After an outage the frames waiting on the broker are older than the station's scan-to-divert budget:
+    their items have passed the diverter. Each gets one ``late`` command to the late chute (even with two
+    cameras whose views land in different batches), the model runs only for fresh frames, and fresh items
+    behind the backlog are classified as usual."""
+    table = tmp_path / "late-routes.yaml"
+    table.write_text(routes.read_text() + "decision_deadline_ms: 5000\nlate_chute: RECIRC\n")
+    settings = settings_for(routes=table, batch={"max_size": 4, "max_wait_ms": 5})
+    topic = f"{namespace}-frames.dock-1"
+    ensure_topics(settings.kafka, {topic: 1})
+    pics = photos(4, seed=3)
+    old = str(int(time.time() * 1000) - 60_000)  # a minute ago: the worker was down
+    backlog = [f"{namespace}-old-{i}" for i in range(60)]
+    views = [  # two cameras per item; the second camera's view three items later, so in another batch
+        (item, pics[(k + cam) % 4][1], {"item-id": item, "station-id": "dock-1", "camera-id": f"cam-{cam}",
+                                        "captured-at": old})
+        for k, item in enumerate(backlog) for cam in (0, 1)
+    ]  # fmt: skip
+    views.sort(key=lambda v: backlog.index(v[0]) + 3 * int(v[2]["camera-id"][-1]))
+    produce(bootstrap, topic, views)
+    fresh = [f"{namespace}-new-{i}" for i in range(8)]
+    produce(bootstrap, topic, [(i, p, h | {"captured-at": str(int(time.time() * 1000))})
+                               for i, p, h in frames_for(fresh, pics * 2, "dock-1")])  # fmt: skip
+    worker = build_worker(settings)
+    start(worker, max_frames=len(views) + len(fresh), idle_exit_s=30).join(120)
+    commands = [json.loads(m.value()) for m in consume_all(bootstrap, settings.kafka.commands_topic, expect=68)]
+    by_item = {}
+    for c in commands:
+        assert c["item_id"] not in by_item, f"a second command for {c['item_id']}"
+        by_item[c["item_id"]] = c
+    assert {by_item[i]["reason"] for i in backlog} == {"late"} and {by_item[i]["chute"] for i in backlog} == {"RECIRC"}
+    assert all(by_item[i]["label"] is None for i in backlog)
+    assert {by_item[i]["reason"] for i in fresh} <= {"classified", "low_confidence", "unknown_sku"}
+    # a second camera's view in a later batch is another view of a pass already commanded: a cache hit
+    late, hits = worker.stats.late_frames, worker.stats.cache_hits
+    assert late + hits == 120 and late >= 60 and len(by_item) == 68
+    assert worker.metrics.registry.get_sample_value("sorter_late_frames_total", {"station": "dock-1"}) == late
+    assert worker.metrics.registry.get_sample_value("sorter_frames_decoded_total") == 8  # the model saw only these
