@@ -306,3 +306,21 @@ def test_a_late_view_still_decides_when_the_view_in_time_of_its_pass_does_not_de
     result = pipeline.process([_cam("x", 190, "cam-0", offset=1), broken])
     assert [(c.reason, c.chute, c.camera_id) for c in result.commands] == [("classified", "C-00", "cam-0")]
     assert [d.reason for d in result.dead_letters] == ["unknown_format"] and result.late == []
+
+
+def test_a_late_view_of_an_earlier_lap_is_not_joined_to_the_pass_in_time(deadline):
+    """Found in review: joining every late view of an item and station to the view in time merged a frame
+    of the item's previous lap (a lagging partition) into this one: the command took the old frame, the
+    cache remembered the old lap, and the next view of this lap got a second command."""
+    pipeline, _, cache, now = deadline
+    now[0] = T0 + 61_000
+    old_lap = frame("x", photo(0, 0.99), offset=1, headers=(("captured-at", str(T0).encode()),))
+    this_lap = frame("x", photo(0, 0.85), offset=2, headers=(("captured-at", str(T0 + 60_500).encode()),))
+    result = pipeline.process([old_lap, this_lap])
+    assert sorted((c.reason, c.captured_at) for c in result.commands) == [
+        ("classified", T0 + 60_500), ("late", T0)
+    ]  # fmt: skip
+    assert [f.captured_at_ms for f in result.late] == [T0]
+    cache.put_many(result.decisions)
+    later = frame("x", photo(0, 0.9), offset=3, headers=(("captured-at", str(T0 + 60_520).encode()),))
+    assert pipeline.process([later]).commands == []  # another camera of this lap: already commanded

@@ -209,17 +209,26 @@ class Pipeline:
             else:  # never decided, or only sent to a late chute before: classify
                 fresh.append(f)
         # one decision per item and station pass: when a view in time (or without a capture time) decides it,
-        # that pass's late views in this batch join it instead of getting a late command of their own (and
-        # still decide if the view in time turns out not to decode)
-        fresh_keys = {(f.item_id, f.station_id) for f in fresh}
-        for key in [k for k in overdue if k in again or k in fresh_keys]:
-            views = overdue.pop(key)
+        # that pass's late views in this batch (captured within pass_window_ms of it) join it instead of getting
+        # a late command of their own, and still decide if the view in time turns out not to decode; a late
+        # view of an earlier lap (a lagging partition) stays late
+        in_time: dict[tuple[str, str], list[Frame]] = defaultdict(list)
+        for f in fresh:
+            in_time[(f.item_id, f.station_id)].append(f)
+        for key, views in again.items():
+            in_time[key].extend(views)
+        for key in [k for k in overdue if k in in_time]:
+            joining = [v for v in overdue[key] if any(self._one_pass(v, f) for f in in_time[key])]
+            overdue[key] = [v for v in overdue[key] if v not in joining]
+            if not overdue[key]:
+                del overdue[key]
             if key in again:
-                again[key].extend(views)
-                result.hits.extend(CacheHit(f, known[key[0]].get("decided_at"), True) for f in views)
+                again[key].extend(joining)
+                result.hits.extend(CacheHit(f, known[key[0]].get("decided_at"), True) for f in joining)
             else:
-                fresh.extend(views)
-        result.late = [f for f in result.late if (f.item_id, f.station_id) in overdue]
+                fresh.extend(joining)
+        still = {id(f) for views in overdue.values() for f in views}
+        result.late = [f for f in result.late if id(f) in still]
         result.cache_hits = len(result.hits)
         result.times.looked_up = wall_ms()
         for (item_id, _), views in again.items():
@@ -283,6 +292,12 @@ class Pipeline:
         if then is None:
             return False
         return abs((frame.captured_at_ms or self.clock_ms()) - then) <= self.pass_window_ms
+
+    def _one_pass(self, a: Frame, b: Frame) -> bool:
+        """Views of one pass: captured within ``pass_window_ms`` of each other (or one has no capture time)."""
+        if a.captured_at_ms is None or b.captured_at_ms is None:
+            return True
+        return abs(a.captured_at_ms - b.captured_at_ms) <= self.pass_window_ms
 
     def _reuse(self, result: BatchResult, cached: dict, views: list[Frame], decided_at: int) -> None:
         """A command from a cached prediction, by the rules of the station the item is at now."""

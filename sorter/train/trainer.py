@@ -451,19 +451,23 @@ class Trainer:
         )
         return TrainResult(self.out, meta, evaluation, self.history, seconds, test)
 
-    def _fit_unknown(self, loader: DataLoader, split: str) -> tuple[OodMeta, dict[str, float]]:
+    def _fit_unknown(self, loader: DataLoader, split: str) -> tuple[OodMeta | None, dict[str, float]]:
         """The unknown-product threshold: the score that ``ood_false_review`` of the split's known photos
         (never trained on) exceed, on the calibrated logits the worker will see; and every score's
         threshold (in the checkpoint's metrics, for ``benchmarks/unknown_products.py`` to compare)."""
         c = self.config
         logits, _ = predict_logits(self.model, loader, self.runtime, self.normalizer)
-        fitted = {s: fit_threshold(ood_scores(logits, s).numpy(), c.ood_false_review) for s in SCORES}
+        finite = logits[torch.isfinite(logits).all(dim=1)]  # a row the model could not score is not a known photo
+        if len(finite) == 0:
+            log.warning("train.unknown_not_fitted", photos=len(logits), why="no calibration photo scored finite")
+            return None, {}
+        fitted = {s: fit_threshold(ood_scores(finite, s).numpy(), c.ood_false_review) for s in SCORES}
         ood = OodMeta(score=c.ood_score, threshold=fitted[c.ood_score], false_review=c.ood_false_review,
-                      fitted_on=split, photos=len(logits))  # fmt: skip
+                      fitted_on=split, photos=len(finite))  # fmt: skip
         log.info("train.unknown_fitted", score=ood.score, threshold=round(ood.threshold, 4), split=split,
                  photos=ood.photos, false_review=ood.false_review)  # fmt: skip
-        if math.floor(c.ood_false_review * len(logits) + 1e-9) == 0:
-            log.warning("train.unknown_threshold_coarse", photos=len(logits), false_review=c.ood_false_review,
+        if math.floor(c.ood_false_review * len(finite) + 1e-9) == 0:
+            log.warning("train.unknown_threshold_coarse", photos=len(finite), false_review=c.ood_false_review,
                         why="too few calibration photos for this rate: the threshold is their highest score, "
                         "so fewer known and fewer unknown products go to review")  # fmt: skip
         return ood, {f"ood_threshold_{s}": t for s, t in fitted.items()}
