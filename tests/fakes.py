@@ -48,14 +48,19 @@ class FakeModel:
         self.seen = 0
         self.delay_s = delay_s
 
+    def names(self, index: int) -> tuple[str, str]:
+        return LABELS[index], f"SKU-{index}"
+
     def predict(self, images):
         if self.delay_s:
             time.sleep(self.delay_s)
         self.seen += len(images)
         out = []
         for image in images:
-            cls, conf = round(int(image[0, 0, 0]) / 60), image[0, 0, 1] / 250
-            out.append(Prediction(cls, LABELS[cls], f"SKU-{cls}", float(conf)))
+            cls, conf = round(int(image[0, 0, 0]) / 60), float(image[0, 0, 1] / 250)
+            probs = [conf if i == cls else (1 - conf) / (len(LABELS) - 1) for i in range(len(LABELS))]
+            log_probs = tuple(float(np.log(max(p, 1e-9))) for p in probs)
+            out.append(Prediction(cls, LABELS[cls], f"SKU-{cls}", conf, log_probs=log_probs))
         return out
 
 

@@ -68,6 +68,13 @@ def test_load_yaml_and_json(tmp_path):
             'default_chute: C\nreview_chute: R\ndecision_deadline_ms: 800\nstations: {"": {decision_deadline_ms: 0}}\n',
             "needs a late_chute",
         ),
+        ("default_chute: C\nreview_chute: R\nfusion: {window_ms: 150}\n", "fusion.views"),
+        ("default_chute: C\nreview_chute: R\nfusion: {window_ms: 0, views: 3}\n", "fusion.window_ms"),
+        ("default_chute: C\nreview_chute: R\nfusion: {window_ms: 150, views: 3, wait: 1}\n", "fusion.wait"),
+        (
+            "default_chute: C\nreview_chute: R\nstations: {d1: {fusion: {window_ms: '150', views: 2}}}\n",
+            "stations.d1.fusion.window_ms",
+        ),
     ],
 )
 def test_bad_tables_name_the_field(tmp_path, text, field):
@@ -141,3 +148,38 @@ def test_a_station_deadline_takes_the_global_late_chute():
         default_chute="C", review_chute="R", late_chute="L", stations={"d": StationOverride(decision_deadline_ms=100)}
     )
     assert late(table, "d", 101).chute == "L" and late(table, "other", 10**9) is None
+
+
+FUSED = RoutingTable(
+    default_chute="C",
+    review_chute="R",
+    fusion={"window_ms": 150, "views": 3},
+    stations={
+        "tunnel-2": StationOverride(fusion={"window_ms": 80, "views": 5}),
+        "single": StationOverride(fusion={"window_ms": 150, "views": 1}),  # one camera here: off
+    },
+)
+
+
+@pytest.mark.parametrize(
+    "table, station, expected",
+    [
+        (FUSED, "tunnel-1", (150, 3)),
+        (FUSED, "tunnel-2", (80, 5)),
+        (FUSED, "single", None),
+        (TABLE, "s1", None),
+        (
+            RoutingTable(
+                default_chute="C",
+                review_chute="R",
+                stations={"t": StationOverride(fusion={"window_ms": 9, "views": 2})},
+            ),
+            "t",
+            (9, 2),
+        ),
+    ],
+)
+def test_fusion_per_station(table, station, expected):
+    fusion = table.fusion_at(station)
+    assert (fusion and (fusion.window_ms, fusion.views)) == expected
+    assert table.fuses == (table is not TABLE)

@@ -24,6 +24,7 @@ class WorkerStats:
     dead_letters: Counter = field(default_factory=Counter)
     cache_hits: int = 0
     late_frames: int = 0
+    fused_items: int = 0
     producer_restarts: int = 0
     delivery_retries: int = 0
     revoked_dropped: int = 0
@@ -58,6 +59,7 @@ class Accounting:
         s.cached_commands += sum(c.cached for c in result.commands)
         s.cache_hits += result.cache_hits
         s.late_frames += len(result.late)
+        s.fused_items += len(result.fused)
         for d in result.dead_letters:
             s.dead_letters[d.reason] += 1
             log.warning(
@@ -89,6 +91,8 @@ class Accounting:
                 frames=c.frames,
                 cached=c.cached,
                 ood_score=c.ood_score,
+                views=c.views,
+                cameras=c.cameras,
                 latency_ms=round(delivered_ms - c.captured_at, 1) if c.captured_at and delivered_ms else None,
             )
         for h in result.hits:
@@ -113,6 +117,8 @@ class Accounting:
             dead_letters=len(result.dead_letters),
             cache_hits=result.cache_hits,
             late=len(result.late),
+            fused=len(result.fused),
+            fusion_held_frames=result.held_frames,
             classified=result.classified,
             cache_up=self.cache_up(),
             decode_ms=round(result.decode_s * 1000, 2),

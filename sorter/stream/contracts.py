@@ -176,6 +176,8 @@ class RoutingCommand(BaseModel):
     ood_score: float | None = Field(
         None, description="unknown-product score of the deciding photo (higher: less like any trained product)"
     )
+    views: int | None = Field(None, description="cameras whose views were fused into this decision (fusion on)")
+    cameras: list[str] | None = Field(None, description="those cameras, first view first (fusion on)")
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json().encode()

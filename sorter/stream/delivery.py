@@ -342,7 +342,8 @@ class TransactionalProducer(CheckedProducer):
         self._call(self._producer.begin_transaction)
 
     def commit(self, offsets: list, group_metadata) -> None:
-        self._call(self._producer.send_offsets_to_transaction, offsets, group_metadata, self.timeout_s)
+        if offsets:  # none: an empty batch that only decided items whose partitions we no longer own
+            self._call(self._producer.send_offsets_to_transaction, offsets, group_metadata, self.timeout_s)
         self._call(self._producer.commit_transaction, self.timeout_s)
         failed, fatal = self.take_failures()
         if failed:  # cannot happen after a successful commit, but never ignore a delivery error
@@ -453,9 +454,9 @@ class AtLeastOnce:
     def _wait(self, seconds: float, pending: list[Outgoing]) -> None:
         pause(seconds, self.stop, f"{len(pending)} message(s) undelivered")
 
-    def commit(self, consumer, messages: list[Message]) -> None:
-        """Step 4: ``offset + 1`` of the last message per partition, synchronously."""
-        offsets = next_offsets(messages)
+    def commit(self, consumer, offsets: list[TopicPartition]) -> None:
+        """Step 4: ``offset + 1`` of the last message per partition (the worker's :meth:`Worker._to_commit`),
+        synchronously."""
         if not offsets:
             return
         try:
@@ -574,7 +575,7 @@ class ExactlyOnce(AtLeastOnce):
             self._resumed()
         self._abort_delay = min(self._abort_delay * 2, BACKOFF_S[1])
 
-    def commit(self, consumer, messages: list[Message]) -> None:
+    def commit(self, consumer, offsets: list[TopicPartition]) -> None:
         return None  # the offsets were committed inside the transaction
 
 
@@ -590,6 +591,12 @@ def next_offsets(messages: list[Message]) -> list[TopicPartition]:
         key = (m.topic(), m.partition())
         last[key] = max(last.get(key, -1), m.offset())
     return [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
+
+
+def cap_offsets(offsets: dict[tuple[str, int], int], held: dict[tuple[str, int], int]) -> list[TopicPartition]:
+    """Offsets to commit (partition -> next offset), each lowered to the first frame still ``held`` in its
+    partition (a multi-camera item waiting for its other views: read again after a restart)."""
+    return [TopicPartition(t, p, min(o, held.get((t, p), o))) for (t, p), o in offsets.items()]
 
 
 def rewind(consumer, messages: list[Message], owned: set[tuple[str, int]]) -> set[tuple[str, int]]:

@@ -33,6 +33,7 @@ class Prediction:
     confidence: float
     ood_score: float | None = None  # unknown-product score (model/ood.py); None: the checkpoint has no threshold
     unknown: bool = False  # ood_score above the checkpoint's threshold: a product the model was not trained on
+    log_probs: tuple[float, ...] | None = None  # per class (the served, calibrated logits): multi-camera fusion
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -104,6 +105,14 @@ class Classifier:
     def info(self) -> ModelMeta:
         return self.meta
 
+    @property
+    def ood_threshold(self) -> float | None:
+        return self.meta.ood.threshold if self.meta.ood else None
+
+    def names(self, index: int) -> tuple[str, str]:
+        """Class index -> (label, SKU)."""
+        return self.meta.classes[index], self.meta.skus[index]
+
     @torch.inference_mode()
     def predict(self, images: Sequence[np.ndarray]) -> list[Prediction]:
         """``images``: RGB uint8 arrays already resized to ``input_size`` (see ``preprocess.load_for_model``)."""
@@ -121,11 +130,11 @@ class Classifier:
             batch = batch.pin_memory()
         with self.runtime.autocast():
             logits = self.model(self.normalizer(batch))
-        probs = torch.softmax(logits.float(), dim=1)
-        confidence, index = probs.max(dim=1)
+        log_probs = torch.log_softmax(logits[:n].float(), dim=1)
+        confidence, index = log_probs.exp().max(dim=1)
         ood = self.meta.ood
         scores = ood_scores(logits[:n], ood.score).tolist() if ood else [None] * n
         return [
-            Prediction(i, self.meta.classes[i], self.meta.skus[i], c, s, s is not None and s > ood.threshold)
-            for i, c, s in zip(index.tolist()[:n], confidence.tolist()[:n], scores, strict=True)
+            Prediction(i, self.meta.classes[i], self.meta.skus[i], c, s, s is not None and s > ood.threshold, tuple(lp))
+            for i, c, s, lp in zip(index.tolist(), confidence.tolist(), scores, log_probs.tolist(), strict=True)
         ]

@@ -138,6 +138,18 @@ class Metrics:
             ["station"],
             registry=r,
         )
+        self.fused = Counter(
+            "sorter_fused_items",
+            "multi-camera items decided from their views together, by whether every expected camera's view came "
+            "in time (complete=false: the window closed first)",
+            ["station", "complete"],
+            registry=r,
+        )
+        self.fusion_held = Gauge(
+            "sorter_fusion_held_frames",
+            "views held open, their items waiting for more views (not committed)",
+            registry=r,
+        )
         self.batches = Counter("sorter_batches", "batches processed", registry=r)
         self.batch_frames = Histogram("sorter_batch_frames", "frames per batch", buckets=BATCH_BUCKETS, registry=r)
         self.decode_s = Histogram("sorter_decode_seconds", "decode time per batch", buckets=STAGE_BUCKETS, registry=r)
@@ -185,6 +197,8 @@ class Metrics:
         for reason in DEAD_LETTER_REASONS:
             self.dead.labels(station=station, reason=reason)
         self.late.labels(station)
+        for complete in ("true", "false"):
+            self.fused.labels(station, complete)
 
     def observe_batch(self, result: BatchResult, frames_by_topic: dict[str, int], seconds: float):
         delivered_ms = result.times.delivered
@@ -207,6 +221,9 @@ class Metrics:
             self.dead.labels(station=station, reason=d.reason).inc()
         for f in result.late:
             self.late.labels(self.station(f.station_id)).inc()
+        for item in result.fused:
+            self.fused.labels(self.station(item.key[1]), str(item.complete).lower()).inc()
+        self.fusion_held.set(result.held_frames)
         for c in result.commands:
             self.commands.labels(station=self.station(c.station_id), chute=c.chute, reason=c.reason).inc()
             if c.captured_at and delivered_ms:

@@ -17,7 +17,11 @@ Policy for several frames of one item (several cameras, a photo retaken, a secon
    when its batch starts is not classified: its item has passed the diverter, so it gets a ``late``
    command to the late chute at once (one per item and station in the batch). The cache remembers that
    pass, so the item's other views of it get no second command, and a later pass is decided afresh (the
-   item's earlier prediction, if any, is kept for other stations).
+   item's earlier prediction, if any, is kept for other stations);
+5. at a station with multi-camera fusion (``fusion`` in the routing table) rule 2 spans batches: the item's
+   views are held open until all expected cameras were classified or its window closed, then decide together
+   (``fusion.py``); the commit does not pass an open view (``BatchResult.held``), and a late view of an open
+   item's pass joins it.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from sorter.errors import FrameDecodeError
 from sorter.model.preprocess import load_for_model
 from sorter.stream.cache import DecisionCache
 from sorter.stream.contracts import CommandSource, Frame, FrameError, RawFrame, RoutingCommand, parse_frame
+from sorter.stream.fusion import Fuser, OpenItem, fuse
 from sorter.stream.inference import Prediction
 from sorter.stream.routing import Decision, RoutingTable, decide, late
 from sorter.stream.timeline import BatchTimes, wall_ms
@@ -76,6 +81,10 @@ class BatchResult:
     decisions: dict[str, dict] = field(default_factory=dict)  # item_id -> what the cache should remember
     hits: list[CacheHit] = field(default_factory=list)  # one per frame answered from the cache
     late: list[Frame] = field(default_factory=list)  # past their deadline: not classified, sent to the late chute
+    fused: list[OpenItem] = field(default_factory=list)  # multi-camera items decided in this batch
+    held: dict[tuple[str, int], int] = field(default_factory=dict)  # partition -> lowest offset still open
+    released: set[tuple[str, int]] = field(default_factory=set)  # partitions of the views fused in this batch
+    held_frames: int = 0  # views held open after this batch, their items waiting for more views
     cache_hits: int = 0  # len(hits)
     frames: int = 0
     classified: int = 0
@@ -141,6 +150,7 @@ class Pipeline:
         self.judge_late = routes.decision_deadline_ms is not None or any(
             o.decision_deadline_ms for o in routes.stations.values()
         )
+        self.fuser = Fuser()  # items waiting for more of their views (fusion.py)
 
     def close(self, wait: bool = True) -> None:
         """Stop the decode threads and close the cache's connections (``wait=False``: a batch was given up)."""
@@ -217,6 +227,8 @@ class Pipeline:
             in_time[(f.item_id, f.station_id)].append(f)
         for key, views in again.items():
             in_time[key].extend(views)
+        for key in [k for k in overdue if self.fuser.is_open(k)]:  # its pass's other views are waiting
+            in_time[key].extend(self.fuser.frames(key))
         for key in [k for k in overdue if k in in_time]:
             joining = [v for v in overdue[key] if any(self._one_pass(v, f) for f in in_time[key])]
             overdue[key] = [v for v in overdue[key] if v not in joining]
@@ -260,18 +272,53 @@ class Pipeline:
         for (frame, _), prediction in zip(ok, predictions, strict=True):
             by_item[(frame.item_id, frame.station_id)].append((frame, prediction))
         decided_at = self.clock_ms()
-        for candidates in by_item.values():
+        for (item_id, station_id), candidates in by_item.items():
+            fusion = self.routes.fusion_at(station_id)
+            if fusion is not None:  # decided with the item's other views: now if all are in, else later
+                for frame, prediction in candidates:
+                    self.fuser.add(frame, prediction, fusion, decided_at, known.get(item_id))
+                continue
             frame, best = max(candidates, key=lambda c: _finite(c[1].confidence))
-            confidence = round(_finite(best.confidence), 6)  # a NaN from the model goes to review, never a chute
-            decision = decide(self.routes, frame.station_id, best.sku, best.label, confidence, unknown=best.unknown)
-            earlier = known.get(frame.item_id)  # only sent to a late chute before: keep the passes it remembers
-            self._command(
-                result, frame, best.sku, best.label, confidence, decision, self.model.model_version, decided_at,
-                frames=len(candidates), cached=False, passes=self._passes(earlier) or {} if earlier else {},
-                ood=(best.ood_score, best.unknown),
-            )  # fmt: skip
+            self._classified(result, frame, best, known.get(item_id), decided_at, len(candidates))
+        for item in self.fuser.take_due(decided_at):
+            self._fused(result, item, decided_at)
+            result.released.update((topic, partition) for topic, partition, _ in item.views)
+        result.held = self.fuser.low_offsets()
+        result.held_frames = self.fuser.views()
         result.times.routed = wall_ms()
         return result
+
+    def fusion_due_in_ms(self) -> int | None:
+        """Milliseconds until an open item's window closes (0: now), or None: nothing open. The worker runs
+        an empty batch then, so an item whose last view never comes is still decided on time."""
+        closes = self.fuser.next_close_ms()
+        return None if closes is None else max(0, closes - self.clock_ms())
+
+    def forget(self, partitions) -> int:
+        """Revoked partitions: drop their open views (the new owner reads them again, uncommitted)."""
+        return self.fuser.forget(partitions)
+
+    def _classified(self, result: BatchResult, frame: Frame, best: Prediction, earlier: dict | None, decided_at: int,
+                    frames: int, cameras: list[str] | None = None) -> None:  # fmt: skip
+        confidence = round(_finite(best.confidence), 6)  # a NaN from the model goes to review, never a chute
+        decision = decide(self.routes, frame.station_id, best.sku, best.label, confidence, unknown=best.unknown)
+        self._command(  # earlier: only sent to a late chute before: keep the passes it remembers
+            result, frame, best.sku, best.label, confidence, decision, self.model.model_version, decided_at,
+            frames=frames, cached=False, passes=self._passes(earlier) or {} if earlier else {},
+            ood=(best.ood_score, best.unknown), cameras=cameras,
+        )  # fmt: skip
+
+    def _fused(self, result: BatchResult, item: OpenItem, decided_at: int) -> None:
+        """An item's views decide together; its command names the first view (camera, source, capture time)."""
+        views = sorted(item.views.values(), key=lambda v: (v[0].captured_at_ms or 0, v[0].raw.source.offset))
+        fused = fuse(
+            [p for _, p in views],
+            ood_threshold=getattr(self.model, "ood_threshold", None),
+            names=getattr(self.model, "names", None),
+        )
+        best = Prediction(fused.index, fused.label, fused.sku, fused.confidence, fused.ood_score, fused.unknown)
+        self._classified(result, views[0][0], best, item.earlier, decided_at, len(views), item.cameras)
+        result.fused.append(item)
 
     @staticmethod
     def _passes(cached: dict) -> dict[str, int] | None:
@@ -332,7 +379,8 @@ class Pipeline:
             entry.update({k: prediction[k] for k in keep if k in prediction})
 
     def _command(self, result, frame, sku, label, confidence, decision, version, decided_at, frames, *, cached,
-                 passes: dict[str, int], ood: tuple[float | None, bool] = (None, False)):  # fmt: skip
+                 passes: dict[str, int], ood: tuple[float | None, bool] = (None, False),
+                 cameras: list[str] | None = None):  # fmt: skip
         command = RoutingCommand(
             item_id=frame.item_id,
             station_id=frame.station_id,
@@ -350,6 +398,8 @@ class Pipeline:
             frames=frames,
             cached=cached,
             ood_score=None if ood[0] is None or not math.isfinite(ood[0]) else round(ood[0], 4),
+            views=None if cameras is None else len(cameras),
+            cameras=cameras,
         )
         result.commands.append(command)
         earlier = result.decisions.get(frame.item_id, {}).get("passes", {})  # another station, this batch

@@ -10,7 +10,9 @@ Routing table (YAML or JSON)::
       bottle-yellow-dots: "C-02"
     decision_deadline_ms: 800    # scan-to-divert budget: a frame older than this when read is not classified
     late_chute: "RECIRC"         # ... its item goes here at once (reason ``late``); required with a deadline
-    stations:                    # per-station overrides (any of the fields above; deadline 0: none here)
+    fusion: {window_ms: 150, views: 3}  # several cameras per item: one decision from all its views (fusion.py)
+    stations:                    # per-station overrides (any of the fields above; deadline 0: none here;
+                                 # fusion views 1: each item decided from the views in its batch, as without)
       dock-7:
         min_confidence: 0.9
         routes: {SKU-100000: "C-11"}
@@ -34,6 +36,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from sorter.errors import ConfigError
 
 
+class Fusion(BaseModel):
+    """Several cameras photograph each item: decide once all ``views`` of it were classified, or once
+    ``window_ms`` passed since its first view reached the worker, whichever comes first."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    window_ms: int = Field(gt=0, le=60_000, strict=True)
+    views: int = Field(ge=1, le=64, strict=True)
+
+
 class StationOverride(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -44,6 +56,7 @@ class StationOverride(BaseModel):
     decision_deadline_ms: int | None = Field(None, ge=0, strict=True)  # 0: no deadline at this station
     late_chute: str | None = Field(None, min_length=1)
     review_unknown_products: bool | None = None
+    fusion: Fusion | None = None
 
 
 class RoutingTable(BaseModel):
@@ -57,6 +70,7 @@ class RoutingTable(BaseModel):
     late_chute: str | None = Field(None, min_length=1)
     # a photo the model scores as unlike every trained product (the checkpoint's fitted threshold) -> review
     review_unknown_products: bool = True
+    fusion: Fusion | None = None  # None: the views of an item in one batch decide it (the most confident)
     stations: dict[str, StationOverride] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -79,6 +93,16 @@ class RoutingTable(BaseModel):
         ms = station.decision_deadline_ms if station and station.decision_deadline_ms is not None else None
         ms = self.decision_deadline_ms if ms is None else ms
         return ms or None
+
+    def fusion_at(self, station_id: str) -> Fusion | None:
+        """The station's multi-camera fusion, or None (``views: 1`` there, or none set)."""
+        station = self.stations.get(station_id)
+        fusion = station.fusion if station and station.fusion is not None else self.fusion
+        return fusion if fusion is not None and fusion.views > 1 else None
+
+    @property
+    def fuses(self) -> bool:
+        return self.fusion_at("") is not None or any(self.fusion_at(name) for name in self.stations)
 
 
 class Decision(BaseModel):

@@ -64,6 +64,7 @@ from sorter.stream.delivery import (
     DeliveryInterrupted,
     ExactlyOnce,
     TransactionAborted,
+    cap_offsets,
     next_offsets,
     outgoing,
     rewind,
@@ -164,6 +165,11 @@ def _tp(m: Message) -> tuple[str, int]:
     return (m.topic(), m.partition())
 
 
+def _next(messages: list[Message]) -> dict[tuple[str, int], int]:
+    """Partition -> ``offset + 1`` of its last message in ``messages``."""
+    return {(o.topic, o.partition): o.offset for o in next_offsets(messages)}
+
+
 class Worker:
     def __init__(
         self,
@@ -195,6 +201,9 @@ class Worker:
         self._decoding: dict[int, tuple[RawFrame, Future | None]] = {}
         self._frame_cost_s: float | None = None  # decode wait + model per classified frame, EWMA of batches
         self._inflight: deque[InFlight] = deque()
+        # per partition, the offset after the last frame of a finished (delivered) batch: what a batch that
+        # fused views of that partition without reading from it may commit (never past a view still open)
+        self._finished_next: dict[tuple[str, int], int] = {}
         self._failed = threading.Event()  # a batch failed: later batches send nothing
         self._keepalive_paused = False  # a slow batch has the partitions paused: new ones start paused too
         # the last rebalance event (None: the group never answered, not even with an empty assignment);
@@ -297,6 +306,9 @@ class Worker:
         self._drain(commit=not lost)
         self._group_changed_at = time.monotonic()
         gone = {(p.topic, p.partition) for p in partitions}
+        forgotten = self.pipeline.forget(gone)  # open multi-camera views, uncommitted: the new owner reads them
+        for tp in gone:
+            self._finished_next.pop(tp, None)
         before = len(self._collecting) + len(self._stash)
         self._collecting = [m for m in self._collecting if _tp(m) not in gone]
         self._stash = [m for m in self._stash if _tp(m) not in gone]
@@ -321,6 +333,7 @@ class Worker:
             "worker.lost" if lost else "worker.revoked",
             partitions=sorted(f"{t}[{p}]" for t, p in gone if t not in self.own_topics),
             dropped_frames=dropped,  # collected, not started: read again from the committed offset
+            open_views_dropped=forgotten,
             owned=len(self.assigned),
         )
 
@@ -354,7 +367,7 @@ class Worker:
         for m in self._collecting:
             self._got(_tp(m))
         while len(self._collecting) < b.max_size and not self.stop_event.is_set():
-            left = 0.1 if deadline is None else deadline - time.monotonic()
+            left = self._idle_wait_s() if deadline is None else deadline - time.monotonic()
             self.fetch_watch.polled()
             got = self.consumer.consume(b.max_size - len(self._collecting), left if left > 0 else BUSY_POLL_S)
             fetched = wall_ms()
@@ -381,6 +394,11 @@ class Worker:
                 break
         messages, self._collecting = self._collecting, []
         return messages
+
+    def _idle_wait_s(self) -> float:
+        """How long an empty poll may wait: 0.1 s, less when an open multi-camera item's window closes sooner."""
+        due_ms = self.pipeline.fusion_due_in_ms()
+        return 0.1 if due_ms is None else min(0.1, max(due_ms / 1000, BUSY_POLL_S))
 
     def _share_fairly(self) -> None:
         if self.fair is None or self._keepalive_paused:
@@ -463,9 +481,14 @@ class Worker:
         messages = self._collect()
         if messages:
             raws, predecoded, times = self._close(messages)
-            offsets = next_offsets(messages) if self.delivery.transactional else None
+            offsets = _next(messages) if self.delivery.transactional else None
             future = self._runner.submit(self._work, raws, predecoded, offsets, times)
             self._inflight.append(InFlight(future, messages, time.perf_counter(), times))
+        elif not self._inflight and self.pipeline.fusion_due_in_ms() == 0 and not self._failed.is_set():
+            # no frame came, but an open multi-camera item's window has closed: an empty batch decides it
+            times = BatchTimes(closed=wall_ms())
+            future = self._runner.submit(self._work, [], None, {} if self.delivery.transactional else None, times)
+            self._inflight.append(InFlight(future, [], time.perf_counter(), times))
         keep = 1 if messages and self.overlap else 0
         finished = 0
         while len(self._inflight) > keep:
@@ -505,10 +528,13 @@ class Worker:
         """The helper thread's part: pipeline, delivery, cache. Runs batches one at a time, in order."""
         if self._failed.is_set():
             raise BatchSkipped("an earlier batch failed")
+        result = None
         try:
             result = self.pipeline.process(raws, predecoded, times)
             if self._failed.is_set():
                 raise BatchSkipped("an earlier batch failed")
+            if offsets is not None:  # transactional: one batch at a time, so the finished offsets are settled
+                offsets = self._to_commit(offsets, result)
             metadata = self.consumer.consumer_group_metadata() if self.delivery.transactional else None
             self.delivery.send(outgoing(result, self.settings.kafka, self.settings.worker_id), offsets, metadata)
             if not self.delivery.transactional:
@@ -517,10 +543,21 @@ class Worker:
             self.pipeline.cache.put_many(result.decisions)
             return result
         except TransactionAborted:
+            if result is not None:  # its frames are read again (rewound); views fused from before are not
+                self.pipeline.fuser.reopen(result.fused)
             raise  # rewound by the loop; the next batch may go on
         except BaseException:
             self._failed.set()  # before the next batch starts on this thread: it will send nothing
             raise
+
+    def _to_commit(self, offsets: dict[tuple[str, int], int], result: BatchResult) -> list[TopicPartition]:
+        """A finished batch's commit: its own partitions, and those whose open views it decided (up to what
+        earlier batches finished there), each kept below any view still open; partitions we own only."""
+        offsets = dict(offsets)
+        for tp in result.released - offsets.keys():
+            if tp in self._finished_next:
+                offsets[tp] = self._finished_next[tp]
+        return cap_offsets({tp: o for tp, o in offsets.items() if tp in self.assigned}, result.held)
 
     def _finish_oldest(self, *, keepalive: bool) -> int:
         batch = self._inflight[0]
@@ -536,6 +573,8 @@ class Worker:
         except TransactionAborted as exc:
             self._release_fair_share()  # a seek of a paused partition would be undone by its resume
             rewound = rewind(self.consumer, batch.messages, self.assigned)
+            for tp in rewound:  # read again: the offsets finished before stay, nothing after them
+                self._finished_next.pop(tp, None)
             # polled after the batch from the partitions sought back: they come again after the seek
             # (frames stashed from other partitions stay: nothing re-reads them)
             self._stash = [m for m in self._stash if _tp(m) not in rewound]
@@ -551,8 +590,10 @@ class Worker:
         except BaseException as exc:
             self._give_up(f"batch failed: {exc}", current=batch, failed=True)
             raise
+        for tp, offset in _next(batch.messages).items():
+            self._finished_next[tp] = max(offset, self._finished_next.get(tp, 0))
         if batch.commit:
-            self.delivery.commit(self.consumer, [m for m in batch.messages if _tp(m) in self.assigned])
+            self.delivery.commit(self.consumer, self._to_commit(_next(batch.messages), result))
             result.times.committed = wall_ms()
         self.stats.producer_restarts = self.delivery.restarts
         self.stats.delivery_retries = self.delivery.retries

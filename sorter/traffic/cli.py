@@ -143,6 +143,10 @@ def simulate(
     rate: Annotated[float, typer.Option(help="items per second per station")] = 5.0,
     duration: Annotated[float | None, typer.Option(help="seconds (required with --out)")] = None,
     frames_per_item: Annotated[str, typer.Option(help="photos per item: K, or LO-HI drawn per item")] = "1",
+    camera_poses: Annotated[
+        bool,
+        typer.Option(help="each camera of an item sees its own pose (face, side, back), occlusion and lighting"),
+    ] = False,
     classes: Annotated[int, typer.Option(help="products in the synthetic catalog")] = 10,
     width: Annotated[int, typer.Option(help="photo width")] = 640,
     height: Annotated[int, typer.Option(help="photo height")] = 480,
@@ -170,6 +174,7 @@ def simulate(
         size=(width, height),
         corrupt_fraction=corrupt_fraction,
         unknown_fraction=unknown_fraction,
+        camera_poses=camera_poses,
         seed=seed,
         topic_prefix=topic_prefix,
         run_id=run_id,

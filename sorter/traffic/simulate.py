@@ -2,7 +2,10 @@
 
 Each station sends items about ``rate`` times a second: conveyors space items evenly, so gaps are the
 period with +-25% jitter (not Poisson bursts). Each item is photographed by ``frames_per_item``
-cameras (a range ``(lo, hi)`` draws the count per item), a few to tens of milliseconds apart. Item ids
+cameras (a range ``(lo, hi)`` draws the count per item), a few to tens of milliseconds apart; with
+``camera_poses`` each camera sees its own pose of the item (face, side, back), occlusion, glare and
+lighting (the hard catalogue's rendering, ``synth.render(hard=True)``), as a tunnel's cameras around the
+belt do: one camera's photo may show little of what the product is, all of them together do. Item ids
 are ``<station>-<run>-<n>``, unique across runs (``run`` is random unless given), ``captured-at`` is
 the publish time. ``corrupt_fraction`` cuts that share of photos short, to exercise the dead-letter
 path. Output goes to a broker (real time) or straight into a recording (simulated time, no waiting).
@@ -52,6 +55,7 @@ class Simulator:
         size: tuple[int, int] = (640, 480),
         corrupt_fraction: float = 0.0,
         unknown_fraction: float = 0.0,
+        camera_poses: bool = False,
         seed: int = 0,
         topic_prefix: str = "frames.",
         run_id: str | None = None,
@@ -71,6 +75,7 @@ class Simulator:
         self.designs = catalog(classes)
         self.unknown_designs = catalog(classes + UNKNOWN_DESIGNS)[classes:] if unknown_fraction else []
         self.unknown_fraction = unknown_fraction
+        self.camera_poses = camera_poses
         self.size = size
         self.corrupt_fraction = corrupt_fraction
         self.seed = seed
@@ -93,7 +98,10 @@ class Simulator:
             item = f"{station}-{self.run_id}-{n:06d}"
             cameras = int(rng.integers(lo, hi + 1))
             for camera in range(cameras):
-                photo = render(design, rng, size=self.size)
+                if self.camera_poses:  # this camera's own pose of the item, neighbours, glare
+                    photo = render(design, rng, size=self.size, hard=True, others=self.designs)
+                else:
+                    photo = render(design, rng, size=self.size)
                 if self.corrupt_fraction and rng.random() < self.corrupt_fraction:
                     photo = photo[: len(photo) // 3]  # cut off mid-transfer
                 gap = (

@@ -1,0 +1,169 @@
+"""Several cameras, one decision: the views of an item at a station, held until they can decide together.
+
+A tunnel photographs each item from several sides (``fusion: {window_ms, views}`` in the routing table).
+Each view is classified in whichever batch it arrives; its item stays *open* here until ``views`` distinct
+cameras have been classified or ``window_ms`` has passed since its first view was, whichever comes first.
+Then the views decide together:
+
+- the label: the sum of the views' log-probabilities, renormalised (independent views, a uniform prior: the
+  product of their posteriors). A view that sees little (occluded, glare, the item's plain back) has a flat
+  posterior and weighs little; views that agree reinforce each other;
+- the unknown-product score: the mean of the views' scores, against the checkpoint's threshold (a single
+  odd view does not send a known product to review);
+- a model that gives no log-probabilities (test fakes, an old runtime): the most confident view decides.
+
+At-least-once across batches and restarts: the offsets of views still open are not committed
+(:meth:`Fuser.low_offsets` caps the commit), so after a crash or a stop the item's views are read again and
+it is decided after the restart; views of items decided since are cache hits then (no second command). A
+revoked partition's open views are forgotten (:meth:`Fuser.forget`): its new owner reads them again.
+A view seen twice (an aborted transaction read again) replaces itself: it counts once.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from sorter.stream.contracts import Frame
+from sorter.stream.inference import Prediction
+from sorter.stream.routing import Fusion
+
+Key = tuple[str, str]  # (item_id, station_id)
+
+
+@dataclass
+class OpenItem:
+    key: Key
+    views: dict[tuple[str, int, int], tuple[Frame, Prediction]]  # by source (topic, partition, offset)
+    closes_ms: int  # worker clock: its first view's classification + window_ms
+    expected: int
+    earlier: dict | None = None  # the item's cache entry when its first view came (passes to keep)
+    opened_ms: int = 0
+
+    @property
+    def cameras(self) -> list[str]:
+        """Distinct cameras in arrival order (a frame without a camera id counts as one of its own)."""
+        seen = [f.camera_id or f"{f.raw.source.topic}@{f.raw.source.offset}" for f, _ in self.views.values()]
+        return list(dict.fromkeys(seen))
+
+    @property
+    def complete(self) -> bool:
+        return len(self.cameras) >= self.expected
+
+
+class Fuser:
+    """The open items. Fed and drained by the pipeline on the batch thread; the worker's main thread reads
+    when the next window closes and forgets revoked partitions (between batches): one lock for both."""
+
+    def __init__(self) -> None:
+        self._open: dict[Key, OpenItem] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def views(self) -> int:
+        """Frames held open, over every item."""
+        with self._lock:
+            return sum(len(i.views) for i in self._open.values())
+
+    def is_open(self, key: Key) -> bool:
+        return key in self._open
+
+    def frames(self, key: Key) -> list[Frame]:
+        with self._lock:
+            item = self._open.get(key)
+            return [f for f, _ in item.views.values()] if item else []
+
+    def add(self, frame: Frame, prediction: Prediction, fusion: Fusion, now_ms: int, earlier: dict | None) -> None:
+        key = (frame.item_id, frame.station_id)
+        source = (frame.raw.source.topic, frame.raw.source.partition, frame.raw.source.offset)
+        with self._lock:
+            item = self._open.get(key)
+            if item is None:
+                item = self._open[key] = OpenItem(key, {}, now_ms + fusion.window_ms, fusion.views, earlier, now_ms)
+            item.views[source] = (frame, prediction)
+
+    def take_due(self, now_ms: int) -> list[OpenItem]:
+        """Items with every expected view, or whose window has closed: removed, oldest first."""
+        with self._lock:
+            due = [i for i in self._open.values() if i.complete or i.closes_ms <= now_ms]
+            for item in due:
+                del self._open[item.key]
+        return sorted(due, key=lambda i: i.opened_ms)
+
+    def reopen(self, items: list[OpenItem]) -> None:
+        """Items decided in a batch whose transaction was aborted: open again (due at once), so the next
+        batch decides them; their views read again meanwhile count once."""
+        with self._lock:
+            for item in items:
+                current = self._open.get(item.key)
+                if current is None:
+                    self._open[item.key] = item
+                else:
+                    current.views.update(item.views)
+                    current.closes_ms = min(current.closes_ms, item.closes_ms)
+
+    def next_close_ms(self) -> int | None:
+        with self._lock:
+            return min((i.closes_ms for i in self._open.values()), default=None)
+
+    def low_offsets(self) -> dict[tuple[str, int], int]:
+        """Per partition, the lowest offset of a view still open: a commit must not pass it."""
+        low: dict[tuple[str, int], int] = {}
+        with self._lock:
+            for item in self._open.values():
+                for topic, partition, offset in item.views:
+                    low[(topic, partition)] = min(low.get((topic, partition), offset), offset)
+        return low
+
+    def forget(self, partitions: Iterable[tuple[str, int]]) -> int:
+        """Drop the views read from ``partitions`` (revoked: their new owner reads them again); returns how
+        many. An item left with views from other partitions stays open with those."""
+        gone, dropped = set(partitions), 0
+        with self._lock:
+            for key, item in list(self._open.items()):
+                for source in [s for s in item.views if s[:2] in gone]:
+                    del item.views[source]
+                    dropped += 1
+                if not item.views:
+                    del self._open[key]
+        return dropped
+
+
+@dataclass(frozen=True)
+class Fused:
+    index: int
+    confidence: float
+    ood_score: float | None
+    unknown: bool
+    label: str
+    sku: str
+
+
+def fuse(
+    predictions: list[Prediction], *, ood_threshold: float | None, names: Callable[[int], tuple[str, str]] | None
+) -> Fused:
+    """One decision from several views (see the module's docstring). ``names``: class index -> (label, SKU)
+    for a class no single view ranked first; without it, or without log-probabilities, the most confident
+    view decides."""
+    scores = [p.ood_score for p in predictions if p.ood_score is not None and math.isfinite(p.ood_score)]
+    ood = float(np.mean(scores)) if scores else None
+    if ood_threshold is not None and ood is not None:
+        unknown = ood > ood_threshold
+    else:
+        unknown = sum(p.unknown for p in predictions) * 2 > len(predictions)  # most views say so
+    usable = [p for p in predictions if p.log_probs is not None and all(map(math.isfinite, p.log_probs))]
+    if names is None or not usable or len({len(p.log_probs) for p in usable}) != 1:
+        best = max(predictions, key=lambda p: p.confidence if math.isfinite(p.confidence) else 0.0)
+        return Fused(best.index, best.confidence, ood, unknown, best.label, best.sku)
+    total = np.sum([np.asarray(p.log_probs, np.float64) for p in usable], axis=0)
+    total -= np.logaddexp.reduce(total)  # log-softmax
+    index = int(np.argmax(total))
+    named = next((p for p in usable if p.index == index), None)
+    label, sku = (named.label, named.sku) if named else names(index)
+    return Fused(index, float(math.exp(total[index])), ood, unknown, label, sku)
