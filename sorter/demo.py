@@ -63,6 +63,8 @@ def write_demo_routes(path: Path, skus: list[str]) -> Path:
         "default_chute: C-99",
         "review_chute: REVIEW",
         "min_confidence: 0.80",
+        "# an item photographed by two cameras is decided from both views together (within 150 ms)",
+        "fusion: {window_ms: 150, views: 2}",
         "routes:",
     ]
     lines += [f"  {sku}: C-{i + 1:02d}" for i, sku in enumerate(skus)]
@@ -182,12 +184,14 @@ class LiveView:
         for chute, n in sorted(self.chutes.items()):
             chutes.add_row(chute, str(n))
         recent = Table(title="latest routed items", title_justify="left")
-        for col in ("item", "station", "label", "confidence", "chute", "reason"):
+        for col in ("item", "station", "cameras", "label", "confidence", "chute", "reason"):
             recent.add_column(col)
         for c in list(self.recent):
+            cameras = "+".join(c.get("cameras") or []) or c.get("camera_id") or "-"  # fused: every view's camera
             recent.add_row(
-                c["item_id"], c["station_id"], c["label"] or "-", f"{c['confidence']:.3f}", c["chute"], c["reason"]
-            )
+                c["item_id"], c["station_id"], cameras, c["label"] or "-", f"{c['confidence']:.3f}", c["chute"],
+                c["reason"],
+            )  # fmt: skip
         grid = Table.grid(padding=(0, 4))
         grid.add_row(chutes, recent)
         return Group(head, grid)
