@@ -268,3 +268,34 @@ def test_the_simulator_sends_a_share_of_products_outside_the_trained_catalog_whe
     assert all(p.design.label in known for p in islice(plain.photos(0), 50))
     with pytest.raises(Exception, match="unknown fraction"):
         Simulator(["dock-1"], 5.0, unknown_fraction=1.0)
+
+
+@pytest.mark.parametrize("views", [2, 3], ids=["every-camera-came", "windows-close"])
+def test_a_direct_replay_fuses_an_item_s_views_across_batches_on_the_recording_s_clock(simulated, views):
+    """Two cameras per item, batches of 3 (views split across them): one command per item, from both views;
+    with 3 expected views the windows close on the recording's clock, the last items at the end."""
+    from sorter.stream.cache import MemoryCache
+    from sorter.stream.inference import Prediction
+    from sorter.stream.pipeline import Decoder, Pipeline
+    from sorter.stream.routing import RoutingTable
+    from sorter.traffic.replay import replay_direct
+
+    class Model:
+        input_size, model_version = 32, "m-1"
+
+        def predict(self, images):
+            return [Prediction(0, "box", "SKU-0", 0.9) for _ in images]
+
+    path, sim = simulated
+    table = RoutingTable(default_chute="C-99", review_chute="R", fusion={"window_ms": 150, "views": views})
+    decoder = Decoder(2, max_pixels=10**6)
+    pipeline = Pipeline(Model(), table, MemoryCache(), decoder, worker_id="w", topic_prefix="frames.")
+    try:
+        results = list(replay_direct(Reader.open(path), pipeline, ReplayPlan(), batch_size=3))
+    finally:
+        decoder.close()
+    commands = [c for r in results for c in r.commands]
+    assert sorted(c.item_id for c in commands) == sorted({c.item_id for c in commands})  # one each
+    assert len(commands) == sim.items_sent and {c.views for c in commands} == {2}
+    assert all(c.cameras == ["cam-1", "cam-2"] for c in commands)
+    assert pipeline.fusion_due_in_ms() is None

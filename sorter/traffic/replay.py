@@ -216,8 +216,13 @@ def replay_direct(
     The pipeline's cache stands in for Redis (use ``MemoryCache``), so repeated frames of an item give
     one decision, as in the worker. Timing is ignored: this is for tests and model comparisons, so no
     frame is judged late (a recording's capture times are hours old; there is no queue to be late in).
+    Multi-camera fusion windows run on the recording's clock (when each frame was recorded), so an item's
+    views are fused as the line would have; items still open at the end are decided then.
     """
     pipeline.judge_late = False
+    recorded = [0]  # the recording's clock: the latest frame's recording time
+    if pipeline.routes.fuses:
+        pipeline.clock_ms = lambda: recorded[0]
     info = survey(reader)
     _check(info, allow_damaged)
     batch: list[RawFrame] = []
@@ -230,12 +235,16 @@ def replay_direct(
     for _, loop, r in scheduled(reader, replace(plan, speed=None), info, allow_damaged=allow_damaged):
         topic = plan.topic(r.topic)
         out = _renamed(r, loop, topic, now_ms() if plan.restamp else None)
+        recorded[0] = max(recorded[0], r.recorded_at_ms or r.timestamp_ms or 0)
         batch.append(out.to_raw())
         if len(batch) >= batch_size:
             yield run(batch)
             batch = []
     if batch:
         yield run(batch)
+    if pipeline.fusion_due_in_ms() is not None:  # the recording ended with items waiting for views
+        recorded[0] += 60_001  # past every window (window_ms is at most 60 s)
+        yield run([])
 
 
 def replay_direct_to(
