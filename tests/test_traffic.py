@@ -299,3 +299,17 @@ def test_a_direct_replay_fuses_an_item_s_views_across_batches_on_the_recording_s
     assert len(commands) == sim.items_sent and {c.views for c in commands} == {2}
     assert all(c.cameras == ["cam-1", "cam-2"] for c in commands)
     assert pipeline.fusion_due_in_ms() is None
+
+
+def test_camera_poses_render_each_camera_s_own_view_of_the_item():
+    from itertools import islice
+
+    from sorter.model.preprocess import load_for_model
+
+    plain = Simulator(["t-1"], 5.0, frames_per_item=(3, 3), classes=4, size=(160, 120), run_id="r")
+    posed = Simulator(["t-1"], 5.0, frames_per_item=(3, 3), classes=4, size=(160, 120), run_id="r", camera_poses=True)
+    a, b = list(islice(plain.photos(0), 6)), list(islice(posed.photos(0), 6))
+    assert [dict(p.headers)["camera-id"] for p in b] == [b"cam-1", b"cam-2", b"cam-3"] * 2
+    assert a[0].design == b[0].design  # the same first item, seen otherwise
+    assert all(x.value != y.value for x, y in zip(a, b, strict=True))
+    assert all(load_for_model(p.value, 32).shape == (32, 32, 3) for p in b)
