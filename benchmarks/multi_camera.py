@@ -16,8 +16,9 @@ between cameras are simulated. ``--checkpoint`` scores a model already trained i
 
 Every view goes through the worker's own path (``load_for_model``, ``Classifier.predict``) and the
 decisions through ``fusion.fuse``. Reported, per number of cameras k = 1..views: the error of one view
-alone (the mean over the item's views), of the most confident of the k views, and of the fused k views;
-ECE of each; and the share of items under ``min_confidence`` (0.8), which go to review.
+alone (the mean over the item's views), of the most confident of the k views, of the fused k views (the
+worker's rule: mean log-probability) and of the product rule (sum of log-probabilities); ECE of each; the
+share of items under ``min_confidence`` (0.8), which go to review, and the error of those routed.
 """
 
 from __future__ import annotations
@@ -103,9 +104,10 @@ def clean_error(model: Classifier, items) -> float:
     return round(float(np.mean([p.index != label for p, (label, _, _) in zip(preds, items, strict=True)])), 4)
 
 
-def _mean_pool(predictions) -> tuple[int, float]:
-    mean = np.mean([p.log_probs for p in predictions], axis=0)
-    probs = np.exp(mean - np.logaddexp.reduce(mean))
+def _product(predictions) -> tuple[int, float]:
+    """The alternative to the worker's rule: the sum of log-probabilities (right for independent views)."""
+    total = np.sum([p.log_probs for p in predictions], axis=0)
+    probs = np.exp(total - np.logaddexp.reduce(total))
     return int(np.argmax(probs)), float(probs.max())
 
 
@@ -122,12 +124,12 @@ def measure(model: Classifier, items, views: int) -> dict:
         single_labels = np.repeat(labels, k)
         best = [max(preds[:k], key=lambda p: p.confidence) for preds in predictions]
         fused = [fuse(preds[:k], ood_threshold=None, names=model.names) for preds in predictions]
-        pooled = [_mean_pool(preds[:k]) for preds in predictions]  # the alternative: geometric mean, renormalised
+        product = [_product(preds[:k]) for preds in predictions]
         rows = {
             "one view": (np.array([i for i, _ in single]), np.array([c for _, c in single]), single_labels),
             "most confident view": (np.array([p.index for p in best]), np.array([p.confidence for p in best]), labels),
             "fused": (np.array([f.index for f in fused]), np.array([f.confidence for f in fused]), labels),
-            "mean log-probability": (np.array([i for i, _ in pooled]), np.array([c for _, c in pooled]), labels),
+            "sum of log-probabilities": (np.array([i for i, _ in product]), np.array([c for _, c in product]), labels),
         }
         out[str(k)] = {
             name: {
@@ -150,16 +152,27 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     ks = sorted(int(k) for k in result["by_cameras"])
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    for name, style in (("one view", "o--"), ("most confident view", "s-"), ("fused", "D-")):
-        ax.plot(ks, [100 * result["by_cameras"][str(k)][name]["error"] for k in ks], style, label=name)
-    ax.set_xlabel("cameras per item")
-    ax.set_ylabel("error (%)")
-    ax.set_xticks(ks)
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title(f"{result['kind']}: {result['items']} items, {result['machine']['cpu']}", fontsize=9)
+    rows = result["by_cameras"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    styles = {"one view": "o--", "most confident view": "s-", "fused": "D-", "sum of log-probabilities": "x:"}
+    for name, style in styles.items():
+        left.plot(ks, [100 * rows[str(k)][name]["error"] for k in ks], style, label=name)
+        right.plot(ks, [100 * (rows[str(k)][name]["routed_error"] or 0) for k in ks], style, label=name)
+    if result.get("original_photo_error") is not None:
+        left.axhline(100 * result["original_photo_error"], color="grey", lw=0.8, label="the original photo, alone")
+    left.set_title("error of the decision", fontsize=10)
+    right.set_title(
+        f"error of the items routed (confidence >= {result['min_confidence']}); the rest: review", fontsize=10
+    )
+    for ax in (left, right):
+        ax.set_xlabel("cameras per item")
+        ax.set_ylabel("%")
+        ax.set_xticks(ks)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    fig.suptitle(f"{result['kind']}: {result['items']} items, {result['image_size']} px, {result['machine']['cpu']}",
+                 fontsize=10)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

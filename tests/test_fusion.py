@@ -32,14 +32,15 @@ def names(i):
     return LABELS[i], f"SKU-{i}"
 
 
-def test_views_that_agree_reinforce_and_a_flat_view_weighs_little():
+def test_agreeing_views_are_not_overconfident_and_a_view_that_sees_nothing_sends_toward_review():
     a = pred([0.7, 0.2, 0.1])
     b = pred([0.6, 0.3, 0.1])
     flat = pred([0.34, 0.33, 0.33])  # occluded: sees nothing
     both = fuse([a, b], ood_threshold=None, names=names)
-    assert both.label == "box" and both.confidence > 0.7  # more sure than either view alone
-    assert fuse([a, b, flat], ood_threshold=None, names=names).label == "box"
-    assert abs(fuse([a, flat], ood_threshold=None, names=names).confidence - 0.7) < 0.02
+    assert both.label == "box" and 0.6 < both.confidence < 0.7  # between the views: they may repeat each other
+    assert fuse([a, a, a], ood_threshold=None, names=names).confidence == pytest.approx(0.7)  # one view, 3 times
+    with_flat = fuse([a, flat], ood_threshold=None, names=names)
+    assert with_flat.label == "box" and with_flat.confidence < 0.6
 
 
 def test_one_confident_wrong_view_is_outvoted_where_max_confidence_would_follow_it():
@@ -101,10 +102,10 @@ def fused():
 
 def test_views_in_different_batches_give_one_command_when_the_last_arrives(fused):
     pipeline, clock, cache, _ = fused
-    first = pipeline.process([raw("a", 10, "cam-1", value=photo(0, 0.7)), raw("b", 11, "cam-1")])
+    first = pipeline.process([raw("a", 10, "cam-1", value=photo(0, 0.9)), raw("b", 11, "cam-1")])
     assert first.commands == [] and first.held == {("frames.dock-1", 0): 10} and first.held_frames == 2
     clock.ms += 30
-    second = pipeline.process([raw("a", 12, "cam-2", value=photo(0, 0.75)), raw("a", 13, "cam-3", value=photo(1, 0.6))])
+    second = pipeline.process([raw("a", 12, "cam-2", value=photo(0, 0.95)), raw("a", 13, "cam-3", value=photo(0, 0.8))])
     (command,) = second.commands
     assert (command.item_id, command.label, command.views, command.cameras) == (
         "a",

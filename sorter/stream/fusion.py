@@ -5,9 +5,13 @@ Each view is classified in whichever batch it arrives; its item stays *open* her
 cameras have been classified or ``window_ms`` has passed since its first view was, whichever comes first.
 Then the views decide together:
 
-- the label: the sum of the views' log-probabilities, renormalised (independent views, a uniform prior: the
-  product of their posteriors). A view that sees little (occluded, glare, the item's plain back) has a flat
-  posterior and weighs little; views that agree reinforce each other;
+- the label: the mean of the views' log-probabilities, renormalised (the normalised geometric mean of
+  their posteriors). Its most probable class is the product rule's (the sum, which would be right for
+  independent views), but its confidence is not inflated by views that repeat each other: views of one
+  product share its ambiguities (a shirt looks like a t-shirt from every side), and with the sum 4 such
+  views sent 6% of items to review but routed 9.8% of the rest wrong, against 1.8% for the mean
+  (README, "Several cameras"). A view that sees little (occluded, glare, the item's plain back) pulls the
+  confidence down: the item goes to review rather than to a chute on one good view's word;
 - the unknown-product score: the mean of the views' scores, against the checkpoint's threshold (a single
   odd view does not send a known product to review);
 - a model that gives no log-probabilities (test fakes, an old runtime): the most confident view decides.
@@ -161,7 +165,7 @@ def fuse(
     if names is None or not usable or len({len(p.log_probs) for p in usable}) != 1:
         best = max(predictions, key=lambda p: p.confidence if math.isfinite(p.confidence) else 0.0)
         return Fused(best.index, best.confidence, ood, unknown, best.label, best.sku)
-    total = np.sum([np.asarray(p.log_probs, np.float64) for p in usable], axis=0)
+    total = np.mean([np.asarray(p.log_probs, np.float64) for p in usable], axis=0)
     total -= np.logaddexp.reduce(total)  # log-softmax
     index = int(np.argmax(total))
     named = next((p for p in usable if p.index == index), None)
