@@ -172,8 +172,9 @@ def test_a_late_view_of_an_open_item_joins_it(fused):
     pipeline.process([raw("a", 1, "cam-1"), raw("a", 2, "cam-2")])
     clock.ms = T0 + 520  # cam-3's frame, captured with the others, is read past the deadline
     result = pipeline.process([raw("a", 3, "cam-3")])
-    (command,) = result.commands
-    assert (command.reason, command.views) == ("classified", 3) and result.late == []
+    (command,) = result.commands  # one command for the item, not one for the late view and one for the rest
+    assert command.reason == "late" and len(result.late) == 3  # its pass went by while it waited
+    assert pipeline.fusion_due_in_ms() is None
 
 
 # -- the loop (fake broker): commits never pass an open view; an item open at a stop is decided after it --
@@ -260,3 +261,64 @@ def test_exactly_once_an_item_fused_in_an_aborted_transaction_is_decided_again_n
     assert aborted and w.stats.aborted_batches == 1
     assert [(c["item_id"], c["views"]) for c in commands] == [("a", 2)]
     assert cluster.committed[(LOOP_TOPIC, 0)] == 2
+
+
+# -- found in review --
+
+
+def test_an_item_decided_at_another_station_while_open_gets_one_command_here_and_keeps_both_passes(fused):
+    pipeline, clock, cache, _ = fused
+    pipeline.process([raw("x", 1, "cam-1")])  # open at dock-1
+    elsewhere = pipeline.process([raw("x", 2, "cam-a", station="single")])  # decided at another station
+    cache.put_many(elsewhere.decisions)
+    clock.ms += 10
+    more = pipeline.process([raw("x", 3, "cam-2"), raw("x", 4, "cam-3")])  # dock-1's other views: into the item
+    cache.put_many(more.decisions)
+    clock.ms += 200
+    tick = pipeline.process([])
+    cache.put_many(tick.decisions)
+    here = [c for r in (more, tick) for c in r.commands]
+    assert [(c.station_id, c.views) for c in here] == [("dock-1", 3)]
+    assert set(cache.get_many(["x"])["x"]["passes"]) == {"dock-1", "single"}
+
+
+def test_a_fused_decision_past_the_station_s_deadline_sends_the_item_to_the_late_chute(fused):
+    pipeline, clock, _, _ = fused
+    routes = pipeline.routes.model_copy(update={"decision_deadline_ms": 500, "late_chute": "RECIRC"})
+    pipeline.routes, pipeline.judge_late = routes, True
+    clock.ms = T0 + 100
+    assert pipeline.process([raw("a", 1, "cam-1")]).commands == []  # in time when read
+    clock.ms = T0 + 600  # its window closed after the item passed the diverter
+    result = pipeline.process([])
+    (command,) = result.commands
+    assert (command.reason, command.chute) == ("late", "RECIRC") and len(result.late) == 1
+
+
+def test_a_window_longer_than_the_deadline_is_refused():
+    with pytest.raises(ValueError, match=r"fusion\.window_ms"):
+        RoutingTable(default_chute="C", review_chute="R", decision_deadline_ms=100, late_chute="L",
+                     fusion={"window_ms": 150, "views": 3})  # fmt: skip
+    with pytest.raises(ValueError, match=r"stations\.d1"):
+        RoutingTable(default_chute="C", review_chute="R", fusion={"window_ms": 150, "views": 3},
+                     stations={"d1": {"decision_deadline_ms": 120, "late_chute": "L"}})  # fmt: skip
+
+
+def test_odd_log_probabilities_never_raise_and_a_certain_view_keeps_its_weight():
+    empty = Prediction(0, "box", "SKU-0", 0.9, log_probs=())
+    assert fuse([empty, empty], ood_threshold=None, names=names).label == "box"
+    certain = Prediction(0, "box", "SKU-0", 1.0, log_probs=(0.0, -math.inf, -math.inf))
+    unsure = pred([0.3, 0.6, 0.1])
+    assert fuse([certain, unsure], ood_threshold=None, names=names).label == "box"
+    nan = Prediction(1, "bottle", "SKU-1", 0.5, log_probs=(math.nan, 0.0, 0.0))
+    assert fuse([nan, unsure], ood_threshold=None, names=names).label == "bottle"
+
+
+def test_a_camera_s_retakes_weigh_as_one_view_and_frames_without_camera_id_count_per_partition(fused):
+    pipeline, _, _, _ = fused
+    retakes = [raw("a", i, "cam-1", value=photo(1, 0.9)) for i in range(1, 4)]
+    result = pipeline.process([*retakes, raw("a", 4, "cam-2", value=photo(0, 0.92)), raw("a", 5, "cam-3",
+                               value=photo(0, 0.9))])  # fmt: skip
+    (command,) = result.commands
+    assert command.label == "box" and command.views == 3  # cam-1's three retakes did not outvote two cameras
+    no_ids = [raw("b", 7, None), raw("b", 7, None, partition=1), raw("b", 8, None)]
+    assert pipeline.process(no_ids).commands[0].views == 3  # three frames, three cameras (no id to tell)

@@ -37,6 +37,7 @@ from sorter.stream.inference import Prediction
 from sorter.stream.routing import Fusion
 
 Key = tuple[str, str]  # (item_id, station_id)
+LOG_FLOOR = -100.0  # log-probability a view gives a class it rules out
 
 
 @dataclass
@@ -49,10 +50,15 @@ class OpenItem:
     opened_ms: int = 0
 
     @property
+    def camera_of_views(self) -> list[str]:
+        """Each view's camera, in the order of ``views`` (a frame without a camera id is a camera of its own)."""
+        return [f.camera_id or f"{f.raw.source.topic}[{f.raw.source.partition}]@{f.raw.source.offset}"
+                for f, _ in self.views.values()]  # fmt: skip
+
+    @property
     def cameras(self) -> list[str]:
-        """Distinct cameras in arrival order (a frame without a camera id counts as one of its own)."""
-        seen = [f.camera_id or f"{f.raw.source.topic}@{f.raw.source.offset}" for f, _ in self.views.values()]
-        return list(dict.fromkeys(seen))
+        """Distinct cameras in arrival order."""
+        return list(dict.fromkeys(self.camera_of_views))
 
     @property
     def complete(self) -> bool:
@@ -161,11 +167,12 @@ def fuse(
         unknown = ood > ood_threshold
     else:
         unknown = sum(p.unknown for p in predictions) * 2 > len(predictions)  # most views say so
-    usable = [p for p in predictions if p.log_probs is not None and all(map(math.isfinite, p.log_probs))]
+    usable = [p for p in predictions if p.log_probs and not any(math.isnan(x) or x == math.inf for x in p.log_probs)]
     if names is None or not usable or len({len(p.log_probs) for p in usable}) != 1:
         best = max(predictions, key=lambda p: p.confidence if math.isfinite(p.confidence) else 0.0)
         return Fused(best.index, best.confidence, ood, unknown, best.label, best.sku)
-    total = np.mean([np.asarray(p.log_probs, np.float64) for p in usable], axis=0)
+    # a class a view rules out entirely (-inf) stays very unlikely, without wiping out the other views
+    total = np.mean([np.maximum(np.asarray(p.log_probs, np.float64), LOG_FLOOR) for p in usable], axis=0)
     total -= np.logaddexp.reduce(total)  # log-softmax
     index = int(np.argmax(total))
     named = next((p for p in usable if p.index == index), None)

@@ -205,9 +205,12 @@ class Pipeline:
         again: dict[tuple[str, str], list[Frame]] = defaultdict(list)  # decided before, not in this pass
         overdue: dict[tuple[str, str], list[Frame]] = defaultdict(list)  # past the deadline
         verdicts: dict[tuple[str, str], Decision] = {}
+        open_now = {key for key in {(f.item_id, f.station_id) for f in frames} if self.fuser.is_open(key)}
         for f in frames:
             cached = known.get(f.item_id)
-            if cached is not None and self._same_pass(cached, f):
+            if (f.item_id, f.station_id) in open_now:  # its pass is being decided from its views: it joins them
+                fresh.append(f)
+            elif cached is not None and self._same_pass(cached, f):
                 result.hits.append(CacheHit(f, cached.get("decided_at"), False))
             elif self.judge_late and (verdict := late(self.routes, f.station_id, _age(now, f))):
                 overdue[(f.item_id, f.station_id)].append(f)
@@ -227,8 +230,6 @@ class Pipeline:
             in_time[(f.item_id, f.station_id)].append(f)
         for key, views in again.items():
             in_time[key].extend(views)
-        for key in [k for k in overdue if self.fuser.is_open(k)]:  # its pass's other views are waiting
-            in_time[key].extend(self.fuser.frames(key))
         for key in [k for k in overdue if k in in_time]:
             joining = [v for v in overdue[key] if any(self._one_pass(v, f) for f in in_time[key])]
             overdue[key] = [v for v in overdue[key] if v not in joining]
@@ -280,8 +281,10 @@ class Pipeline:
                 continue
             frame, best = max(candidates, key=lambda c: _finite(c[1].confidence))
             self._classified(result, frame, best, known.get(item_id), decided_at, len(candidates))
-        for item in self.fuser.take_due(decided_at):
-            self._fused(result, item, decided_at)
+        due = self.fuser.take_due(decided_at)
+        now_known = self.cache.get_many(list({i.key[0] for i in due})) if due else {}  # decided elsewhere since?
+        for item in due:
+            self._fused(result, item, now_known.get(item.key[0]) or item.earlier, decided_at)
             result.released.update((topic, partition) for topic, partition, _ in item.views)
         result.held = self.fuser.low_offsets()
         result.held_frames = self.fuser.views()
@@ -308,17 +311,29 @@ class Pipeline:
             ood=(best.ood_score, best.unknown), cameras=cameras,
         )  # fmt: skip
 
-    def _fused(self, result: BatchResult, item: OpenItem, decided_at: int) -> None:
-        """An item's views decide together; its command names the first view (camera, source, capture time)."""
+    def _fused(self, result: BatchResult, item: OpenItem, earlier: dict | None, decided_at: int) -> None:
+        """An item's views decide together (a camera's retakes as one view: its most confident); its command
+        names the first view (camera, source, capture time). Past the station's deadline by now (its window
+        closed after the item passed the diverter): the late chute instead."""
         views = sorted(item.views.values(), key=lambda v: (v[0].captured_at_ms or 0, v[0].raw.source.offset))
+        first = views[0][0]
+        result.fused.append(item)
+        if self.judge_late and (verdict := late(self.routes, first.station_id, _age(decided_at, first))):
+            result.late.extend(f for f, _ in views)
+            self._late(result, earlier, [f for f, _ in views], verdict, decided_at)
+            return
+        per_camera: dict[str, Prediction] = {}
+        for (_, prediction), camera in zip(views, item.camera_of_views, strict=True):
+            kept = per_camera.get(camera)
+            if kept is None or _finite(prediction.confidence) > _finite(kept.confidence):
+                per_camera[camera] = prediction
         fused = fuse(
-            [p for _, p in views],
+            list(per_camera.values()),
             ood_threshold=getattr(self.model, "ood_threshold", None),
             names=getattr(self.model, "names", None),
         )
         best = Prediction(fused.index, fused.label, fused.sku, fused.confidence, fused.ood_score, fused.unknown)
-        self._classified(result, views[0][0], best, item.earlier, decided_at, len(views), item.cameras)
-        result.fused.append(item)
+        self._classified(result, first, best, earlier, decided_at, len(views), item.cameras)
 
     @staticmethod
     def _passes(cached: dict) -> dict[str, int] | None:

@@ -85,6 +85,13 @@ class RoutingTable(BaseModel):
             raise ValueError(
                 f"a decision deadline needs a late_chute, where late items go (recirculation), at: {', '.join(where)}"
             )
+        slow = [name or "(top level)" for name in ["", *self.stations]
+                if (f := self.fusion_at(name)) and (d := self.deadline(name)) and f.window_ms >= d]  # fmt: skip
+        if slow:
+            raise ValueError(
+                "fusion.window_ms must be shorter than decision_deadline_ms (an item waiting for its views would "
+                f"pass its diverter), at: {', '.join('stations.' + n if n != '(top level)' else n for n in slow)}"
+            )
         return self
 
     def deadline(self, station_id: str) -> int | None:
