@@ -74,8 +74,8 @@ def write_demo_routes(path: Path, skus: list[str]) -> Path:
 
 class Stations:
     """Simulated conveyor stations publishing to ``frames.<station>`` (see ``sorter.traffic.simulate``):
-    one or two cameras per item, ~1% corrupt frames to show the dead-letter path, ~5% products the demo
-    model was not trained on to show the unknown-product path."""
+    two cameras per item (fused: one decision from both views), ~1% corrupt frames to show the dead-letter
+    path, ~5% products the demo model was not trained on to show the unknown-product path."""
 
     def __init__(self, kafka: KafkaSettings, stations: list[str], rate: float, seed: int = 0) -> None:
         import threading
@@ -85,7 +85,7 @@ class Stations:
         self.sim = Simulator(
             stations,
             rate,
-            frames_per_item=(1, 2),
+            frames_per_item=(2, 2),
             classes=DEMO_CLASSES,
             size=DEMO_SIZE,
             corrupt_fraction=0.01,
