@@ -163,6 +163,9 @@ class ModelSettings(Section):
     device: str = "auto"
     precision: str = "auto"
     compile: bool = Field(False, description="torch.compile the model at start-up (slower start, faster batches)")
+    reload_poll_s: float = Field(
+        2.0, ge=0, description="look for a new checkpoint at the path this often and serve it without a restart; 0: off"
+    )
 
 
 class ObserveSettings(Section):

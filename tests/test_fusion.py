@@ -322,3 +322,41 @@ def test_a_camera_s_retakes_weigh_as_one_view_and_frames_without_camera_id_count
     assert command.label == "box" and command.views == 3  # cam-1's three retakes did not outvote two cameras
     no_ids = [raw("b", 7, None), raw("b", 7, None, partition=1), raw("b", 8, None)]
     assert pipeline.process(no_ids).commands[0].views == 3  # three frames, three cameras (no id to tell)
+
+
+def test_a_straggler_of_an_earlier_lap_does_not_join_the_open_item_of_this_one(fused):
+    """Lap 1 went to the late chute (a lagging partition); the item comes round, lap 2's views open it, then
+    lap 1's last view arrives: it is a quiet view of lap 1, and lap 2 is decided in time from its own views."""
+    pipeline, clock, cache, _ = fused
+    routes = pipeline.routes.model_copy(update={"decision_deadline_ms": 500, "late_chute": "RECIRC"})
+    pipeline.routes, pipeline.judge_late = routes, True
+    clock.ms = T0 + 600
+    lap1 = pipeline.process([raw("x", 1, "cam-1"), raw("x", 2, "cam-2")])
+    assert [c.reason for c in lap1.commands] == ["late"]
+    cache.put_many(lap1.decisions)
+    lap2 = T0 + 60_000
+    clock.ms = lap2 + 20
+    assert pipeline.process([raw("x", 10, "cam-1", captured=lap2), raw("x", 11, "cam-2", captured=lap2)]).commands == []
+    clock.ms += 10
+    straggler = pipeline.process([raw("x", 12, "cam-3", captured=T0)])
+    assert straggler.commands == [] and [h.new_pass for h in straggler.hits] == [False]
+    clock.ms += 200
+    (command,) = pipeline.process([]).commands
+    assert (command.reason, command.captured_at, command.views) == ("classified", lap2, 2)
+
+
+def test_at_a_model_swap_open_items_are_decided_by_the_model_that_saw_their_views(fused):
+    pipeline, clock, cache, _ = fused
+    pipeline.process([raw("x", 1, "cam-1")])  # open at dock-1, classified by fake-1
+    elsewhere = pipeline.process([raw("x", 2, "cam-a", station="single")])
+    cache.put_many(elsewhere.decisions)
+    new = FakeModel()
+    new.model_version = "fake-2"
+    pipeline.swap(new)
+    clock.ms += 5
+    result = pipeline.process([raw("x", 3, "cam-2")])  # a view of the open item in the swapping batch: quiet
+    (command,) = result.commands
+    assert (command.model_version, command.views, command.station_id) == ("fake-1", 1, "dock-1")
+    assert new.seen == 0 and len(result.hits) == 1
+    cache.put_many(result.decisions)
+    assert set(cache.get_many(["x"])["x"]["passes"]) == {"dock-1", "single"}

@@ -93,6 +93,7 @@ class Accounting:
                 ood_score=c.ood_score,
                 views=c.views,
                 cameras=c.cameras,
+                model_version=c.model_version,  # across a reload: the model that decided it
                 latency_ms=round(delivered_ms - c.captured_at, 1) if c.captured_at and delivered_ms else None,
             )
         for h in result.hits:

@@ -15,6 +15,7 @@ from sorter.stream.cache import DecisionCache, NoCache, RedisDecisionCache
 from sorter.stream.inference import Classifier
 from sorter.stream.kafka import ensure_topics, wait_for_broker
 from sorter.stream.pipeline import Decoder, Pipeline
+from sorter.stream.reload import Reloader
 from sorter.stream.routing import RoutingTable, check_routes, load_routing_table
 from sorter.stream.worker import Worker
 
@@ -142,13 +143,29 @@ def _build_worker(settings: Settings, *, create_topics: bool = True, **kwargs) -
         ensure_topics(settings.kafka, {settings.kafka.commands_topic: 1, settings.kafka.dlq_topic: 1})
     log.info("worker.config", settings=settings.redacted())
     worker = Worker(settings, pipeline, **kwargs)
-    model = pipeline.model
-    worker.metrics.model_info.labels(
-        backbone=model.meta.backbone,
-        version=model.model_version,
-        classes=str(model.meta.num_classes),
-        image_size=str(model.input_size),
-        device=str(model.runtime.device),
-        precision=model.precision,
-    ).set(1)
+    worker.metrics.set_model(pipeline.model)
+    if settings.model.reload_poll_s > 0:
+        worker.reloader = build_reloader(settings, pipeline, worker.metrics)
     return worker
+
+
+def build_reloader(settings: Settings, pipeline: Pipeline, metrics) -> Reloader:
+    """Hot reload of ``--checkpoint`` (reload.py): built as at start-up, checked against what serves."""
+    m = settings.model
+
+    def load(path):
+        return Classifier(path, device=m.device, precision=m.precision, compile=m.compile,
+                          max_batch=settings.batch.max_size)  # fmt: skip
+
+    def check(model) -> None:
+        serving = pipeline.model
+        if model.input_size != serving.input_size:
+            raise ConfigError(
+                f"its input size is {model.input_size} px and the model serving takes {serving.input_size} px: "
+                "a new input size needs a restart (the photos in flight are decoded for the old one)"
+            )
+        check_routes(pipeline.routes, model.meta.classes, model.meta.skus, strict=settings.strict_routes)
+
+    return Reloader(
+        m.checkpoint, load, check, poll_s=m.reload_poll_s, on_refused=lambda _: metrics.reloads.labels("refused").inc()
+    )

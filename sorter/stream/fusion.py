@@ -48,21 +48,21 @@ class OpenItem:
     expected: int
     earlier: dict | None = None  # the item's cache entry when its first view came (passes to keep)
     opened_ms: int = 0
-
-    @property
-    def camera_of_views(self) -> list[str]:
-        """Each view's camera, in the order of ``views`` (a frame without a camera id is a camera of its own)."""
-        return [f.camera_id or f"{f.raw.source.topic}[{f.raw.source.partition}]@{f.raw.source.offset}"
-                for f, _ in self.views.values()]  # fmt: skip
+    version: str | None = None  # of the model that classified its views
 
     @property
     def cameras(self) -> list[str]:
         """Distinct cameras in arrival order."""
-        return list(dict.fromkeys(self.camera_of_views))
+        return list(dict.fromkeys(camera_of(f) for f, _ in self.views.values()))
 
     @property
     def complete(self) -> bool:
         return len(self.cameras) >= self.expected
+
+
+def camera_of(frame: Frame) -> str:
+    """A view's camera: its ``camera-id``, or for a frame without one, a camera of its own."""
+    return frame.camera_id or f"{frame.raw.source.topic}[{frame.raw.source.partition}]@{frame.raw.source.offset}"
 
 
 class Fuser:
@@ -89,13 +89,16 @@ class Fuser:
             item = self._open.get(key)
             return [f for f, _ in item.views.values()] if item else []
 
-    def add(self, frame: Frame, prediction: Prediction, fusion: Fusion, now_ms: int, earlier: dict | None) -> None:
+    def add(self, frame: Frame, prediction: Prediction, fusion: Fusion, now_ms: int, earlier: dict | None,
+            version: str | None = None) -> None:  # fmt: skip
         key = (frame.item_id, frame.station_id)
         source = (frame.raw.source.topic, frame.raw.source.partition, frame.raw.source.offset)
         with self._lock:
             item = self._open.get(key)
             if item is None:
-                item = self._open[key] = OpenItem(key, {}, now_ms + fusion.window_ms, fusion.views, earlier, now_ms)
+                item = self._open[key] = OpenItem(
+                    key, {}, now_ms + fusion.window_ms, fusion.views, earlier, now_ms, version
+                )
             item.views[source] = (frame, prediction)
 
     def take_due(self, now_ms: int) -> list[OpenItem]:
@@ -105,6 +108,12 @@ class Fuser:
             for item in due:
                 del self._open[item.key]
         return sorted(due, key=lambda i: i.opened_ms)
+
+    def take_all(self) -> list[OpenItem]:
+        """Every open item, removed, oldest first (the model is being replaced: they are decided now)."""
+        with self._lock:
+            items, self._open = list(self._open.values()), {}
+        return sorted(items, key=lambda i: i.opened_ms)
 
     def reopen(self, items: list[OpenItem]) -> None:
         """Items decided in a batch whose transaction was aborted: open again (due at once), so the next

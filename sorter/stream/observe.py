@@ -184,6 +184,14 @@ class Metrics:
         )
         for client in KAFKA_CLIENTS:
             self.kafka_errors.labels(client)
+        self.reloads = Counter(
+            "sorter_model_reloads",
+            "new checkpoints at the model path: loaded and served, or refused (the previous model serves on)",
+            ["result"],
+            registry=r,
+        )
+        for result in ("loaded", "refused"):
+            self.reloads.labels(result)
         self.model_info = Gauge(
             "sorter_model_info",
             "the loaded model (value 1)",
@@ -192,6 +200,18 @@ class Metrics:
         )
         self.station = StationLabels(max_stations, self._new_station)
         self._new_station(UNKNOWN_STATION)
+
+    def set_model(self, model) -> None:
+        """``sorter_model_info`` names the model serving (one series: a reload replaces it)."""
+        self.model_info.clear()
+        self.model_info.labels(
+            backbone=model.meta.backbone,
+            version=model.model_version,
+            classes=str(model.meta.num_classes),
+            image_size=str(model.input_size),
+            device=str(model.runtime.device),
+            precision=model.precision,
+        ).set(1)
 
     def _new_station(self, station: str) -> None:
         for reason in DEAD_LETTER_REASONS:

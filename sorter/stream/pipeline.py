@@ -40,7 +40,7 @@ from sorter.errors import FrameDecodeError
 from sorter.model.preprocess import load_for_model
 from sorter.stream.cache import DecisionCache
 from sorter.stream.contracts import CommandSource, Frame, FrameError, RawFrame, RoutingCommand, parse_frame
-from sorter.stream.fusion import Fuser, OpenItem, fuse
+from sorter.stream.fusion import Fuser, OpenItem, camera_of, fuse
 from sorter.stream.inference import Prediction
 from sorter.stream.routing import Decision, RoutingTable, decide, late
 from sorter.stream.timeline import BatchTimes, wall_ms
@@ -151,6 +151,7 @@ class Pipeline:
             o.decision_deadline_ms for o in routes.stations.values()
         )
         self.fuser = Fuser()  # items waiting for more of their views (fusion.py)
+        self._next_model: Model | None = None  # a reloaded model, served from the next batch (reload.py)
 
     def close(self, wait: bool = True) -> None:
         """Stop the decode threads and close the cache's connections (``wait=False``: a batch was given up)."""
@@ -186,6 +187,10 @@ class Pipeline:
         returns them on the result."""
         result = BatchResult(frames=len(raws), times=times or BatchTimes())
         result.times.started = wall_ms()
+        closing: dict[tuple[str, str], OpenItem] = {}
+        if self._next_model is not None:  # a new model from this batch on: items waiting for more views are
+            closing = {i.key: i for i in self.fuser.take_all()}  # decided now, by the model that saw their views
+            self.model, self._next_model = self._next_model, None
         position = {id(raw): i for i, raw in enumerate(raws)}
         frames: list[Frame] = []
         for raw in raws:
@@ -208,8 +213,11 @@ class Pipeline:
         open_now = {key for key in {(f.item_id, f.station_id) for f in frames} if self.fuser.is_open(key)}
         for f in frames:
             cached = known.get(f.item_id)
-            if (f.item_id, f.station_id) in open_now:  # its pass is being decided from its views: it joins them
+            key = (f.item_id, f.station_id)
+            if key in open_now and self._joins(f, self.fuser.frames(key)):  # its pass is being decided: it joins
                 fresh.append(f)
+            elif key in closing and self._joins(f, [v for v, _ in closing[key].views.values()]):
+                result.hits.append(CacheHit(f, None, False))  # its pass is decided in this batch (a model swap)
             elif cached is not None and self._same_pass(cached, f):
                 result.hits.append(CacheHit(f, cached.get("decided_at"), False))
             elif self.judge_late and (verdict := late(self.routes, f.station_id, _age(now, f))):
@@ -277,19 +285,22 @@ class Pipeline:
             fusion = self.routes.fusion_at(station_id)
             if fusion is not None:  # decided with the item's other views: now if all are in, else later
                 for frame, prediction in candidates:
-                    self.fuser.add(frame, prediction, fusion, decided_at, known.get(item_id))
+                    self.fuser.add(frame, prediction, fusion, decided_at, known.get(item_id), self.model.model_version)
                 continue
             frame, best = max(candidates, key=lambda c: _finite(c[1].confidence))
             self._classified(result, frame, best, known.get(item_id), decided_at, len(candidates))
-        due = self.fuser.take_due(decided_at)
+        due = list(closing.values()) + self.fuser.take_due(decided_at)
         now_known = self.cache.get_many(list({i.key[0] for i in due})) if due else {}  # decided elsewhere since?
         for item in due:
-            self._fused(result, item, now_known.get(item.key[0]) or item.earlier, decided_at)
-            result.released.update((topic, partition) for topic, partition, _ in item.views)
+            self._fused(result, item, now_known.get(item.key[0]), decided_at)
         result.held = self.fuser.low_offsets()
         result.held_frames = self.fuser.views()
         result.times.routed = wall_ms()
         return result
+
+    def swap(self, model: Model) -> None:
+        """Serve ``model`` from the next batch on (called on the batch thread, between batches)."""
+        self._next_model = model
 
     def fusion_due_in_ms(self) -> int | None:
         """Milliseconds until an open item's window closes (0: now), or None: nothing open. The worker runs
@@ -302,28 +313,41 @@ class Pipeline:
         return self.fuser.forget(partitions)
 
     def _classified(self, result: BatchResult, frame: Frame, best: Prediction, earlier: dict | None, decided_at: int,
-                    frames: int, cameras: list[str] | None = None) -> None:  # fmt: skip
+                    frames: int, cameras: list[str] | None = None, version: str | None = None) -> None:  # fmt: skip
         confidence = round(_finite(best.confidence), 6)  # a NaN from the model goes to review, never a chute
         decision = decide(self.routes, frame.station_id, best.sku, best.label, confidence, unknown=best.unknown)
         self._command(  # earlier: only sent to a late chute before: keep the passes it remembers
-            result, frame, best.sku, best.label, confidence, decision, self.model.model_version, decided_at,
-            frames=frames, cached=False, passes=self._passes(earlier) or {} if earlier else {},
+            result, frame, best.sku, best.label, confidence, decision, version or self.model.model_version,
+            decided_at, frames=frames, cached=False, passes=self._passes(earlier) or {} if earlier else {},
             ood=(best.ood_score, best.unknown), cameras=cameras,
         )  # fmt: skip
 
-    def _fused(self, result: BatchResult, item: OpenItem, earlier: dict | None, decided_at: int) -> None:
+    def _joins(self, frame: Frame, views: list[Frame]) -> bool:
+        """Is ``frame`` a view of the same pass as ``views`` (not a straggler of an earlier lap)?"""
+        return any(self._one_pass(frame, v) for v in views)
+
+    def _fused(self, result: BatchResult, item: OpenItem, current: dict | None, decided_at: int) -> None:
         """An item's views decide together (a camera's retakes as one view: its most confident); its command
-        names the first view (camera, source, capture time). Past the station's deadline by now (its window
-        closed after the item passed the diverter): the late chute instead."""
+        names the first view (camera, source, capture time) and the version of the model that classified them.
+        ``current``: the item's cache entry now (None: none, or the cache is down). Past the station's deadline
+        by now (its window closed after the item passed the diverter): the late chute instead; this pass
+        commanded meanwhile by another worker (its views were split by a rebalance): no second command."""
+        result.released.update((topic, partition) for topic, partition, _ in item.views)
+        result.fused.append(item)
         views = sorted(item.views.values(), key=lambda v: (v[0].captured_at_ms or 0, v[0].raw.source.offset))
         first = views[0][0]
-        result.fused.append(item)
+        if current is not None and self._same_pass(current, first):
+            result.hits.extend(CacheHit(f, current.get("decided_at"), False) for f, _ in views)
+            result.cache_hits = len(result.hits)
+            return
+        earlier = current or item.earlier
         if self.judge_late and (verdict := late(self.routes, first.station_id, _age(decided_at, first))):
             result.late.extend(f for f, _ in views)
             self._late(result, earlier, [f for f, _ in views], verdict, decided_at)
             return
         per_camera: dict[str, Prediction] = {}
-        for (_, prediction), camera in zip(views, item.camera_of_views, strict=True):
+        for frame, prediction in views:
+            camera = camera_of(frame)
             kept = per_camera.get(camera)
             if kept is None or _finite(prediction.confidence) > _finite(kept.confidence):
                 per_camera[camera] = prediction
@@ -333,7 +357,7 @@ class Pipeline:
             names=getattr(self.model, "names", None),
         )
         best = Prediction(fused.index, fused.label, fused.sku, fused.confidence, fused.ood_score, fused.unknown)
-        self._classified(result, first, best, earlier, decided_at, len(views), item.cameras)
+        self._classified(result, first, best, earlier, decided_at, len(views), item.cameras, item.version)
 
     @staticmethod
     def _passes(cached: dict) -> dict[str, int] | None:

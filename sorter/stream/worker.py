@@ -52,6 +52,7 @@ from concurrent.futures import Future
 from concurrent.futures import wait as wait_for
 from dataclasses import dataclass
 
+import structlog
 from confluent_kafka import KafkaError, Message, TopicPartition
 
 from sorter.errors import SorterError
@@ -211,6 +212,8 @@ class Worker:
         self._group_changed_at: float | None = None
         self._ever_owned = False
         self._runner = SerialRunner("batch")
+        self.reloader = None  # a Reloader (reload.py) when hot reload is on; app.py sets it
+        self._new_model = None  # loaded by the reloader, handed to the next batch submitted
         self.failpoints = _failpoints()
         self.fetch_watch = FetchWatch(
             k.fetch_stall_s,
@@ -478,16 +481,23 @@ class Worker:
         overlap; without it each batch is finished before the next is collected. Batches always run and
         commit in order. Returns the frames collected or finished (0: idle).
         """
+        self._take_new_model()
         messages = self._collect()
         if messages:
             raws, predecoded, times = self._close(messages)
             offsets = _next(messages) if self.delivery.transactional else None
-            future = self._runner.submit(self._work, raws, predecoded, offsets, times)
+            future = self._runner.submit(self._work, raws, predecoded, offsets, times, self._serve_new_model())
             self._inflight.append(InFlight(future, messages, time.perf_counter(), times))
-        elif not self._inflight and self.pipeline.fusion_due_in_ms() == 0 and not self._failed.is_set():
-            # no frame came, but an open multi-camera item's window has closed: an empty batch decides it
+        elif (
+            not self._inflight
+            and not self._failed.is_set()
+            and (self.pipeline.fusion_due_in_ms() == 0 or self._new_model is not None)
+        ):
+            # no frame came, but an open multi-camera item's window has closed (an empty batch decides it), or
+            # a reloaded model waits (an empty batch puts it in service)
             times = BatchTimes(closed=wall_ms())
-            future = self._runner.submit(self._work, [], None, {} if self.delivery.transactional else None, times)
+            offsets = {} if self.delivery.transactional else None
+            future = self._runner.submit(self._work, [], None, offsets, times, self._serve_new_model())
             self._inflight.append(InFlight(future, [], time.perf_counter(), times))
         keep = 1 if messages and self.overlap else 0
         finished = 0
@@ -495,6 +505,28 @@ class Worker:
             finished += self._finish_oldest(keepalive=True)
         self._watch_fetches()
         return len(messages) + finished
+
+    def _take_new_model(self) -> None:
+        if self.reloader is None:
+            return
+        self.reloader.poll()
+        loaded = self.reloader.take()
+        if loaded is not None:
+            self._new_model = loaded
+
+    def _serve_new_model(self):
+        """The reloaded model, handed to the batch about to be submitted: it and every later batch use it,
+        every batch before it the old one. From here on this thread's lines (and the batches' it submits)
+        carry the new version; ``sorter_model_info`` changes."""
+        loaded, self._new_model = self._new_model, None
+        if loaded is None:
+            return None
+        old = self.pipeline.model.model_version
+        structlog.contextvars.bind_contextvars(model_version=loaded.model.model_version)
+        self.metrics.set_model(loaded.model)
+        self.metrics.reloads.labels("loaded").inc()
+        log.info("model.reloaded", previous=old, path=str(loaded.path), load_s=round(loaded.load_s, 1))
+        return loaded.model
 
     def _got(self, tp: tuple[str, int]) -> None:
         self.fetch_watch.got(tp)
@@ -524,8 +556,11 @@ class Worker:
         if stalled or resumed:
             self.metrics.stalled.set(len(self.fetch_watch.stalled))
 
-    def _work(self, raws: list[RawFrame], predecoded, offsets, times: BatchTimes) -> BatchResult:
-        """The helper thread's part: pipeline, delivery, cache. Runs batches one at a time, in order."""
+    def _work(self, raws: list[RawFrame], predecoded, offsets, times: BatchTimes, model=None) -> BatchResult:
+        """The helper thread's part: pipeline, delivery, cache. Runs batches one at a time, in order.
+        ``model``: a reloaded model, served from this batch on."""
+        if model is not None:
+            self.pipeline.swap(model)
         if self._failed.is_set():
             raise BatchSkipped("an earlier batch failed")
         result = None

@@ -1,0 +1,112 @@
+"""Hot reload: a new checkpoint at the ``--checkpoint`` path is loaded, verified and warmed up in the
+background, then served from the next batch on. No restart, no rebalance, no batch decided by two models.
+
+The path is watched by polling its ``stat`` (every ``model.reload_poll_s``): a Kubernetes volume update
+(a ConfigMap or projected volume swaps a symlink) or a model job's atomic rename (``save_checkpoint``
+writes a temp file and renames it) both change what the path resolves to. A change starts one load on a
+helper thread: read and verify the checkpoint (digests), build the model as start-up does (device,
+precision, int8, compile), check it against what serves (the same input size; the routing table's routes
+name its labels or SKUs: with ``--strict-routes`` a miss refuses it), then one warm-up batch. A file that
+fails any of it is refused (``model.reload_refused`` with the reason, ``sorter_model_reloads_total
+{result="refused"}``) and the old model keeps serving; the same file is not tried again until it changes.
+A file caught half-written fails its digest and is tried again when the writer is done (its stat changes).
+
+The worker takes the loaded model between batches (:meth:`Reloader.take`) and hands it to the batch it
+submits next, so every batch before it ran on the old model and every batch from it on the new one.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sorter.errors import SorterError
+from sorter.logs import get_logger
+
+log = get_logger("sorter.reload")
+
+
+@dataclass(frozen=True)
+class Loaded:
+    model: object  # a Classifier, ready: verified and warmed up
+    path: Path
+    load_s: float
+
+
+def _signature(path: Path) -> tuple | None:
+    try:
+        st = os.stat(path)  # follows symlinks: a volume's ..data swap changes the target
+    except OSError:
+        return None
+    return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns)
+
+
+class Reloader:
+    """``load(path)`` builds a model from a checkpoint (raising :class:`SorterError` with what is wrong);
+    ``check(model)`` raises :class:`SorterError` if it may not replace the one serving."""
+
+    def __init__(
+        self,
+        path: Path,
+        load: Callable[[Path], object],
+        check: Callable[[object], None],
+        *,
+        poll_s: float = 2.0,
+        on_refused: Callable[[str], None] | None = None,
+    ) -> None:
+        self.path, self.load, self.check, self.poll_s = path, load, check, poll_s
+        self.on_refused = on_refused
+        self._seen = _signature(path)  # what serves now was built from this
+        self._polled = time.monotonic()
+        self._loading: threading.Thread | None = None
+        self._ready: Loaded | None = None
+        self._lock = threading.Lock()
+
+    def poll(self) -> None:
+        """Cheap; call it from the loop as often as convenient: a stat every ``poll_s``, a load on a change."""
+        now = time.monotonic()
+        if now - self._polled < self.poll_s or (self._loading is not None and self._loading.is_alive()):
+            return
+        self._polled = now
+        signature = _signature(self.path)
+        if signature is None or signature == self._seen:
+            return  # gone for a moment (a rename in progress), or unchanged
+        self._seen = signature
+        self._loading = threading.Thread(target=self._load, args=(signature,), name="reload", daemon=True)
+        self._loading.start()
+
+    def _load(self, signature: tuple) -> None:
+        started = time.perf_counter()
+        log.info("model.reload_started", path=str(self.path))
+        try:
+            model = self.load(self.path)
+            self.check(model)
+            model.predict([np.zeros((model.input_size, model.input_size, 3), np.uint8)])  # warm-up
+        except SorterError as exc:
+            self._refuse(str(exc))
+            return
+        except Exception as exc:  # a surprise from torch/OpenVINO on a bad file: refused, never a crash
+            self._refuse(f"{type(exc).__name__}: {exc}")
+            return
+        if _signature(self.path) != signature:  # replaced again while loading: load that one instead
+            self._seen = None
+            return
+        with self._lock:
+            self._ready = Loaded(model, self.path, time.perf_counter() - started)
+
+    def _refuse(self, why: str) -> None:
+        log.error("model.reload_refused", path=str(self.path), error=why[:500], serving="the previous model")
+        if self.on_refused is not None:
+            self.on_refused(why)
+
+    def take(self) -> Loaded | None:
+        """The model loaded since the last call, if any (then it is the caller's to serve)."""
+        with self._lock:
+            ready, self._ready = self._ready, None
+        return ready

@@ -1,0 +1,143 @@
+"""Hot reload: the watcher (reload.py) and the swap between batches in the loop (fakes; the real broker and
+checkpoints: tests/integration/test_reload.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from sorter.errors import CheckpointError
+from sorter.settings import load_settings
+from sorter.stream.cache import MemoryCache
+from sorter.stream.kafka import KafkaClients
+from sorter.stream.pipeline import Decoder, Pipeline
+from sorter.stream.reload import Loaded, Reloader
+from sorter.stream.routing import RoutingTable
+from sorter.stream.worker import Worker
+from tests.fakes import NOW_MS, FakeCluster, FakeModel, photo
+
+
+class Versioned(FakeModel):
+    precision = "fp32"
+    meta = SimpleNamespace(backbone="fake", num_classes=3)
+    runtime = SimpleNamespace(device="cpu")
+
+    def __init__(self, version: str, input_size: int = 32) -> None:
+        super().__init__()
+        self.model_version, self.input_size = version, input_size
+
+
+def _wait(reloader: Reloader, seconds: float = 5.0) -> Loaded | None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        reloader.poll()
+        if (loaded := reloader.take()) is not None:
+            return loaded
+        time.sleep(0.01)
+    return None
+
+
+def _replace(path, text: str) -> None:
+    """As a model job or a volume update does: a new file renamed over the old one."""
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def test_a_replaced_file_is_loaded_checked_and_warmed_up_in_the_background(tmp_path):
+    path = tmp_path / "model.pt"
+    path.write_text("v1")
+    built = []
+
+    def load(p):
+        model = Versioned(p.read_text())
+        built.append(model)
+        return model
+
+    reloader = Reloader(path, load, lambda m: None, poll_s=0)
+    assert _wait(reloader, 0.3) is None  # unchanged: nothing loaded
+    _replace(path, "v2")
+    loaded = _wait(reloader)
+    assert loaded is not None and loaded.model.model_version == "v2" and loaded.model.seen == 1  # warmed up
+    assert _wait(reloader, 0.3) is None and len(built) == 1  # once per change
+
+
+def test_a_bad_file_is_refused_once_and_the_next_good_one_is_loaded(tmp_path):
+    path = tmp_path / "model.pt"
+    path.write_text("v1")
+    refused = []
+
+    def load(p):
+        if p.read_text() == "garbage":
+            raise CheckpointError(f"checkpoint {p} fails its integrity check")
+        return Versioned(p.read_text(), input_size=64 if p.read_text() == "wide" else 32)
+
+    def check(model):
+        if model.input_size != 32:
+            raise CheckpointError("its input size is 64 px")
+
+    reloader = Reloader(path, load, check, poll_s=0, on_refused=refused.append)
+    _replace(path, "garbage")
+    assert _wait(reloader, 0.5) is None and refused == [f"checkpoint {path} fails its integrity check"]
+    _replace(path, "wide")
+    assert _wait(reloader, 0.5) is None and refused[-1] == "its input size is 64 px"
+    assert len(refused) == 2  # polled again and again, refused once each
+    _replace(path, "v3")
+    assert _wait(reloader).model.model_version == "v3"
+
+
+def test_the_loop_swaps_between_batches_no_batch_mixes_models_and_nothing_is_lost():
+    cluster = FakeCluster()
+    topic = "frames.dock-1"
+    cluster.create(topic)
+    for i in range(60):
+        headers = [("item-id", f"i{i}".encode()), ("captured-at", str(NOW_MS).encode())]
+        cluster.append(topic, photo(0, 0.9), f"i{i}".encode(), headers)
+    routes = RoutingTable(default_chute="C-99", review_chute="R", min_confidence=0.5)
+    pipeline = Pipeline(Versioned("v1", 32), routes, MemoryCache(), Decoder(2, 10_000), worker_id="w")
+    pipeline.model.delay_s = 0.01
+    s = load_settings(kafka={"bootstrap_servers": "fake:9092"}, batch={"max_size": 4, "max_wait_ms": 5},
+                      observe={"enabled": False}, worker_id="w", shutdown_deadline_s=5)  # fmt: skip
+    batches = []
+    w = Worker(s, pipeline, clients=KafkaClients(cluster.consumer, cluster.producer), on_batch=batches.append)
+
+    class OneReload:  # hands over a new model once a few batches have run
+        def poll(self):
+            pass
+
+        def take(self):
+            if len(batches) == 5 and not getattr(self, "done", False):
+                self.done = True
+                return Loaded(Versioned("v2"), "model.pt", 0.1)
+            return None
+
+    w.reloader = OneReload()
+    w.consumer.schedule(("assign", [(topic, 0)]))
+    w.run(idle_exit_s=0.5)
+    commands = [json.loads(m.value()) for m in cluster.messages("sort.commands")]
+    assert sorted(c["item_id"] for c in commands) == sorted(f"i{i}" for i in range(60))  # each once
+    versions = [c["model_version"] for c in commands]
+    switch = versions.index("v2")
+    assert switch > 0 and set(versions[:switch]) == {"v1"} and set(versions[switch:]) == {"v2"}
+    assert all(len({c.model_version for c in b.commands}) <= 1 for b in batches)  # no batch mixes models
+    assert w.metrics.reloads.labels("loaded")._value.get() == 1
+    assert pipeline.model.model_version == "v2"
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_an_item_waiting_for_views_at_a_swap_is_decided_by_the_model_that_classified_them(fused):
+    from sorter.stream.contracts import RawFrame, Source
+
+    routes = RoutingTable(default_chute="C-99", review_chute="R", min_confidence=0.5,
+                          fusion={"window_ms": 60_000, "views": 3} if fused else None)  # fmt: skip
+    pipeline = Pipeline(Versioned("v1"), routes, MemoryCache(), Decoder(2, 10_000), worker_id="w")
+    headers = (("item-id", b"a"), ("captured-at", str(NOW_MS).encode()), ("camera-id", b"cam-1"))
+    first = pipeline.process([RawFrame(Source("frames.dock-1", 0, 1), b"a", photo(0, 0.9), headers)])
+    pipeline.swap(Versioned("v2"))
+    second = pipeline.process([])
+    commands = first.commands + second.commands
+    assert [c.model_version for c in commands] == ["v1"] and pipeline.model.model_version == "v2"
