@@ -145,7 +145,11 @@ def simulate(
     frames_per_item: Annotated[str, typer.Option(help="photos per item: K, or LO-HI drawn per item")] = "1",
     camera_poses: Annotated[
         bool,
-        typer.Option(help="each camera of an item sees its own pose (face, side, back), occlusion and lighting"),
+        typer.Option(
+            "--camera-poses",
+            help="each camera of an item sees its own pose (face, side, back), occlusion and lighting",
+            metavar="",
+        ),
     ] = False,
     classes: Annotated[int, typer.Option(help="products in the synthetic catalog")] = 10,
     width: Annotated[int, typer.Option(help="photo width")] = 640,
