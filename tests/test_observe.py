@@ -194,6 +194,7 @@ def test_metric_names_end_with_their_unit():
         "sorter_frames_decoded": "counter",
         "sorter_frames_dead_lettered": "counter",
         "sorter_fused_items": "counter",
+        "sorter_model_reloads": "counter",
         "sorter_fusion_held_frames": "gauge",
         "sorter_cache_lookups": "counter",
         "sorter_commands": "counter",
