@@ -141,3 +141,55 @@ def test_an_item_waiting_for_views_at_a_swap_is_decided_by_the_model_that_classi
     second = pipeline.process([])
     commands = first.commands + second.commands
     assert [c.model_version for c in commands] == ["v1"] and pipeline.model.model_version == "v2"
+
+
+def test_an_item_closed_at_a_swap_is_named_by_the_model_that_classified_it_even_one_with_more_classes():
+    """Found in review: the fused class was named from the new model's labels (a wrong chute), and a new
+    model with fewer classes raised in the batch (the worker stopped)."""
+    import math
+
+    from sorter.stream.contracts import RawFrame, Source
+    from sorter.stream.inference import Prediction
+
+    class Old(Versioned):
+        labels = ("box", "bottle", "can")
+
+        def names(self, i):
+            return self.labels[i], f"SKU-{self.labels[i]}"
+
+        def predict(self, images):  # class c at 0.45, 'can' at 0.449: fused, 'can' wins though no view ranks it
+            out = []
+            for image in images:
+                c = round(int(image[0, 0, 0]) / 60)
+                p = [0.1, 0.1, 0.449]
+                p[c] = 0.45
+                out.append(Prediction(c, self.labels[c], f"SKU-{self.labels[c]}", 0.45,
+                                      log_probs=tuple(map(math.log, p))))  # fmt: skip
+            return out
+
+    class Fewer(Old):
+        labels = ("jar", "bag")
+
+    routes = RoutingTable(default_chute="C-99", review_chute="R", min_confidence=0.1,
+                          fusion={"window_ms": 60_000, "views": 3})  # fmt: skip
+    pipeline = Pipeline(Old("v1"), routes, MemoryCache(), Decoder(2, 10_000), worker_id="w", clock_ms=lambda: NOW_MS)
+
+    def raw(offset, camera, cls):
+        headers = (("item-id", b"a"), ("captured-at", str(NOW_MS).encode()), ("camera-id", camera.encode()))
+        return RawFrame(Source("frames.dock-1", 0, offset), b"a", photo(cls, 0.9), headers)
+
+    assert pipeline.process([raw(1, "cam-1", 0), raw(2, "cam-2", 1)]).commands == []
+    pipeline.swap(Fewer("v2"))
+    (command,) = pipeline.process([]).commands
+    assert (command.label, command.sku, command.model_version) == ("can", "SKU-can", "v1")
+
+
+def test_a_file_replaced_while_the_worker_started_is_loaded_at_the_first_poll(tmp_path):
+    from sorter.stream.reload import signature
+
+    path = tmp_path / "model.pt"
+    path.write_text("v1")
+    before = signature(path)  # taken before start-up read the file
+    _replace(path, "v2")  # a model job renamed a new one over it during the broker wait
+    reloader = Reloader(path, lambda p: Versioned(p.read_text()), lambda m: None, poll_s=0, serving=before)
+    assert _wait(reloader).model.model_version == "v2"

@@ -64,6 +64,7 @@ class Accounting:
             s.dead_letters[d.reason] += 1
             log.warning(
                 "frame.dead_lettered",
+                **({"model_version": result.model_version} if result.model_version else {}),
                 item_id=_best_effort_id(d.raw, "item-id", d.raw.key),
                 station_id=_best_effort_id(d.raw, "station-id", None),
                 reason=d.reason,
@@ -111,8 +112,10 @@ class Accounting:
                 decided_at=h.decided_at,
                 new_pass=h.new_pass,
             )
+        ran = {"model_version": result.model_version} if result.model_version else {}  # across a reload: this batch's
         log.info(
             "batch.done",
+            **ran,
             frames=result.frames,
             commands=len(result.commands),
             dead_letters=len(result.dead_letters),

@@ -15,7 +15,7 @@ from sorter.stream.cache import DecisionCache, NoCache, RedisDecisionCache
 from sorter.stream.inference import Classifier
 from sorter.stream.kafka import ensure_topics, wait_for_broker
 from sorter.stream.pipeline import Decoder, Pipeline
-from sorter.stream.reload import Reloader
+from sorter.stream.reload import Reloader, signature
 from sorter.stream.routing import RoutingTable, check_routes, load_routing_table
 from sorter.stream.worker import Worker
 
@@ -133,6 +133,7 @@ def _check_port(settings: Settings) -> None:
 def _build_worker(settings: Settings, *, create_topics: bool = True, **kwargs) -> Worker:
     # what can be checked without the model first: loading it takes seconds (minutes with --compile)
     _check_port(settings)
+    serving = signature(settings.model.checkpoint) if settings.model.checkpoint else None  # before it is read
     checked = preflight(settings)
     wait_for_broker(settings.kafka, settings.kafka.startup_timeout_s)
     pipeline = build_pipeline(settings, checked)
@@ -145,11 +146,11 @@ def _build_worker(settings: Settings, *, create_topics: bool = True, **kwargs) -
     worker = Worker(settings, pipeline, **kwargs)
     worker.metrics.set_model(pipeline.model)
     if settings.model.reload_poll_s > 0:
-        worker.reloader = build_reloader(settings, pipeline, worker.metrics)
+        worker.reloader = build_reloader(settings, pipeline, worker.metrics, serving)
     return worker
 
 
-def build_reloader(settings: Settings, pipeline: Pipeline, metrics) -> Reloader:
+def build_reloader(settings: Settings, pipeline: Pipeline, metrics, serving: tuple | None = None) -> Reloader:
     """Hot reload of ``--checkpoint`` (reload.py): built as at start-up, checked against what serves."""
     m = settings.model
 
@@ -167,5 +168,6 @@ def build_reloader(settings: Settings, pipeline: Pipeline, metrics) -> Reloader:
         check_routes(pipeline.routes, model.meta.classes, model.meta.skus, strict=settings.strict_routes)
 
     return Reloader(
-        m.checkpoint, load, check, poll_s=m.reload_poll_s, on_refused=lambda _: metrics.reloads.labels("refused").inc()
-    )
+        m.checkpoint, load, check, poll_s=m.reload_poll_s, on_refused=lambda _: metrics.reloads.labels("refused").inc(),
+        serving=serving,
+    )  # fmt: skip

@@ -48,7 +48,7 @@ class OpenItem:
     expected: int
     earlier: dict | None = None  # the item's cache entry when its first view came (passes to keep)
     opened_ms: int = 0
-    version: str | None = None  # of the model that classified its views
+    model: object = None  # the model that classified its views: it names the fused class and judges unknowns
 
     @property
     def cameras(self) -> list[str]:
@@ -90,16 +90,18 @@ class Fuser:
             return [f for f, _ in item.views.values()] if item else []
 
     def add(self, frame: Frame, prediction: Prediction, fusion: Fusion, now_ms: int, earlier: dict | None,
-            version: str | None = None) -> None:  # fmt: skip
+            model: object = None) -> None:  # fmt: skip
+        """``model``: the one that classified the view. A view classified by another model than the open item's
+        (its batch was read again after a model swap) is left out: no item is decided by two models."""
         key = (frame.item_id, frame.station_id)
         source = (frame.raw.source.topic, frame.raw.source.partition, frame.raw.source.offset)
         with self._lock:
             item = self._open.get(key)
             if item is None:
-                item = self._open[key] = OpenItem(
-                    key, {}, now_ms + fusion.window_ms, fusion.views, earlier, now_ms, version
-                )
-            item.views[source] = (frame, prediction)
+                item = self._open[key] = OpenItem(key, {}, now_ms + fusion.window_ms, fusion.views, earlier, now_ms,
+                                                  model)  # fmt: skip
+            if item.model is model:
+                item.views[source] = (frame, prediction)
 
     def take_due(self, now_ms: int) -> list[OpenItem]:
         """Items with every expected view, or whose window has closed: removed, oldest first."""

@@ -85,6 +85,7 @@ class BatchResult:
     held: dict[tuple[str, int], int] = field(default_factory=dict)  # partition -> lowest offset still open
     released: set[tuple[str, int]] = field(default_factory=set)  # partitions of the views fused in this batch
     held_frames: int = 0  # views held open after this batch, their items waiting for more views
+    model_version: str | None = None  # of the model this batch ran (its log lines say so, across a reload)
     cache_hits: int = 0  # len(hits)
     frames: int = 0
     classified: int = 0
@@ -191,6 +192,7 @@ class Pipeline:
         if self._next_model is not None:  # a new model from this batch on: items waiting for more views are
             closing = {i.key: i for i in self.fuser.take_all()}  # decided now, by the model that saw their views
             self.model, self._next_model = self._next_model, None
+        result.model_version = self.model.model_version
         position = {id(raw): i for i, raw in enumerate(raws)}
         frames: list[Frame] = []
         for raw in raws:
@@ -285,7 +287,7 @@ class Pipeline:
             fusion = self.routes.fusion_at(station_id)
             if fusion is not None:  # decided with the item's other views: now if all are in, else later
                 for frame, prediction in candidates:
-                    self.fuser.add(frame, prediction, fusion, decided_at, known.get(item_id), self.model.model_version)
+                    self.fuser.add(frame, prediction, fusion, decided_at, known.get(item_id), self.model)
                 continue
             frame, best = max(candidates, key=lambda c: _finite(c[1].confidence))
             self._classified(result, frame, best, known.get(item_id), decided_at, len(candidates))
@@ -345,6 +347,7 @@ class Pipeline:
             result.late.extend(f for f, _ in views)
             self._late(result, earlier, [f for f, _ in views], verdict, decided_at)
             return
+        model = item.model if item.model is not None else self.model  # the one that classified its views
         per_camera: dict[str, Prediction] = {}
         for frame, prediction in views:
             camera = camera_of(frame)
@@ -353,11 +356,11 @@ class Pipeline:
                 per_camera[camera] = prediction
         fused = fuse(
             list(per_camera.values()),
-            ood_threshold=getattr(self.model, "ood_threshold", None),
-            names=getattr(self.model, "names", None),
+            ood_threshold=getattr(model, "ood_threshold", None),
+            names=getattr(model, "names", None),
         )
         best = Prediction(fused.index, fused.label, fused.sku, fused.confidence, fused.ood_score, fused.unknown)
-        self._classified(result, first, best, earlier, decided_at, len(views), item.cameras, item.version)
+        self._classified(result, first, best, earlier, decided_at, len(views), item.cameras, model.model_version)
 
     @staticmethod
     def _passes(cached: dict) -> dict[str, int] | None:

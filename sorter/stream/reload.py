@@ -17,6 +17,7 @@ submits next, so every batch before it ran on the old model and every batch from
 
 from __future__ import annotations
 
+import contextvars
 import os
 import threading
 import time
@@ -39,7 +40,7 @@ class Loaded:
     load_s: float
 
 
-def _signature(path: Path) -> tuple | None:
+def signature(path: Path) -> tuple | None:
     try:
         st = os.stat(path)  # follows symlinks: a volume's ..data swap changes the target
     except OSError:
@@ -59,10 +60,13 @@ class Reloader:
         *,
         poll_s: float = 2.0,
         on_refused: Callable[[str], None] | None = None,
+        serving: tuple | None = None,
     ) -> None:
+        """``serving``: :func:`signature` of the file taken before start-up read it (a file replaced while the
+        worker started is then loaded at the first poll); default: the file now."""
         self.path, self.load, self.check, self.poll_s = path, load, check, poll_s
         self.on_refused = on_refused
-        self._seen = _signature(path)  # what serves now was built from this
+        self._seen = serving if serving is not None else signature(path)  # what serves now was built from this
         self._polled = time.monotonic()
         self._loading: threading.Thread | None = None
         self._ready: Loaded | None = None
@@ -74,14 +78,15 @@ class Reloader:
         if now - self._polled < self.poll_s or (self._loading is not None and self._loading.is_alive()):
             return
         self._polled = now
-        signature = _signature(self.path)
-        if signature is None or signature == self._seen:
+        now_file = signature(self.path)
+        if now_file is None or now_file == self._seen:
             return  # gone for a moment (a rename in progress), or unchanged
-        self._seen = signature
-        self._loading = threading.Thread(target=self._load, args=(signature,), name="reload", daemon=True)
+        self._seen = now_file
+        context = contextvars.copy_context()  # its lines carry the worker's id, as every line does
+        self._loading = threading.Thread(target=context.run, args=(self._load, now_file), name="reload", daemon=True)
         self._loading.start()
 
-    def _load(self, signature: tuple) -> None:
+    def _load(self, loading: tuple) -> None:
         started = time.perf_counter()
         log.info("model.reload_started", path=str(self.path))
         try:
@@ -94,7 +99,7 @@ class Reloader:
         except Exception as exc:  # a surprise from torch/OpenVINO on a bad file: refused, never a crash
             self._refuse(f"{type(exc).__name__}: {exc}")
             return
-        if _signature(self.path) != signature:  # replaced again while loading: load that one instead
+        if signature(self.path) != loading:  # replaced again while loading: load that one instead
             self._seen = None
             return
         with self._lock:
