@@ -55,6 +55,9 @@ class KafkaSettings(Section):
     topic_prefix: str = Field("frames.", description="frames.<station>: where a missing station id comes from")
     commands_topic: str = "sort.commands"
     dlq_topic: str = "frames.dlq"
+    control_topic: str | None = Field(
+        "sort.control", description="which model the fleet serves (control.py); none: not read"
+    )
     session_timeout_ms: int = Field(10_000, ge=1_000)
     # The broker evicts a consumer that does not poll for this long. A batch that runs longer than a
     # third of it is finished while the loop keeps polling with its partitions paused (see worker.py).

@@ -193,3 +193,41 @@ def test_a_file_replaced_while_the_worker_started_is_loaded_at_the_first_poll(tm
     _replace(path, "v2")  # a model job renamed a new one over it during the broker wait
     reloader = Reloader(path, lambda p: Versioned(p.read_text()), lambda m: None, poll_s=0, serving=before)
     assert _wait(reloader).model.model_version == "v2"
+
+
+@pytest.mark.parametrize(
+    "value, why",
+    [
+        (b'{"action": "load", "checkpoint": "/models/m7.pt", "version": "v7"}', None),
+        (b'{"action": "load", "checkpoint": "/models/m7.pt"}', None),
+        (b"not json", "not JSON"),
+        (b'{"action": "unload", "checkpoint": "/m.pt"}', "action"),
+        (b'{"action": "load"}', "checkpoint"),
+        (b'{"action": "load", "checkpoint": "/m.pt", "version": ""}', "version"),
+        (b'{"action": "load", "checkpoint": "/m.pt", "force": true}', "force"),
+        (None, "not JSON"),
+    ],
+)
+def test_control_messages_are_requests_or_ignored_with_a_reason(value, why):
+    from sorter.stream.control import LoadRequest, parse
+
+    parsed = parse(value)
+    if why is None:
+        assert isinstance(parsed, LoadRequest) and parsed.checkpoint.name == "m7.pt"
+    else:
+        assert isinstance(parsed, str) and why in parsed
+
+
+def test_a_control_request_is_served_only_if_the_file_holds_the_version_it_names(tmp_path):
+    watched = tmp_path / "model.pt"
+    watched.write_text("v1")
+    other = tmp_path / "m7.pt"
+    other.write_text("v7")
+    refused = []
+    reloader = Reloader(watched, lambda p: Versioned(p.read_text()), lambda m: None, poll_s=0, watch=False,
+                        on_refused=refused.append)  # fmt: skip
+    reloader.request(other, "v8")
+    assert _wait(reloader, 0.5) is None and refused == [f"the control message asked for model v8; {other} holds v7"]
+    reloader.request(other, "v7")
+    loaded = _wait(reloader)
+    assert loaded.model.model_version == "v7" and loaded.path == other

@@ -12,8 +12,9 @@ from sorter.model.int8 import check_int8
 from sorter.model.runtime import make_runtime
 from sorter.settings import Settings
 from sorter.stream.cache import DecisionCache, NoCache, RedisDecisionCache
+from sorter.stream.control import ControlReader
 from sorter.stream.inference import Classifier
-from sorter.stream.kafka import ensure_topics, wait_for_broker
+from sorter.stream.kafka import KafkaClients, ensure_topics, kafka_config, wait_for_broker
 from sorter.stream.pipeline import Decoder, Pipeline
 from sorter.stream.reload import Reloader, signature
 from sorter.stream.routing import RoutingTable, check_routes, load_routing_table
@@ -140,13 +141,19 @@ def _build_worker(settings: Settings, *, create_topics: bool = True, **kwargs) -
     del checked
     memory = check_memory(settings)  # with the model loaded: what is left must hold the frames in flight
     log.info("worker.limits", decode_threads=settings.batch.decode_threads, **memory)
+    k = settings.kafka
     if create_topics:
-        ensure_topics(settings.kafka, {settings.kafka.commands_topic: 1, settings.kafka.dlq_topic: 1})
+        control = {k.control_topic: 1} if k.control_topic else {}
+        ensure_topics(k, {k.commands_topic: 1, k.dlq_topic: 1} | control)
     log.info("worker.config", settings=settings.redacted())
     worker = Worker(settings, pipeline, **kwargs)
     worker.metrics.set_model(pipeline.model)
-    if settings.model.reload_poll_s > 0:
+    if settings.model.reload_poll_s > 0 or k.control_topic:
         worker.reloader = build_reloader(settings, pipeline, worker.metrics, serving)
+    if k.control_topic:
+        clients = kwargs.get("clients") or KafkaClients()
+        config = kafka_config(k, required={"group.id": f"{k.group_id}.control", "enable.auto.commit": False})
+        worker.control = ControlReader(clients.consumer(config), k.control_topic)
     return worker
 
 
@@ -169,5 +176,5 @@ def build_reloader(settings: Settings, pipeline: Pipeline, metrics, serving: tup
 
     return Reloader(
         m.checkpoint, load, check, poll_s=m.reload_poll_s, on_refused=lambda _: metrics.reloads.labels("refused").inc(),
-        serving=serving,
+        serving=serving, watch=m.reload_poll_s > 0,
     )  # fmt: skip

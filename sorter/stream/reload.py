@@ -61,6 +61,7 @@ class Reloader:
         poll_s: float = 2.0,
         on_refused: Callable[[str], None] | None = None,
         serving: tuple | None = None,
+        watch: bool = True,
     ) -> None:
         """``serving``: :func:`signature` of the file taken before start-up read it (a file replaced while the
         worker started is then loaded at the first poll); default: the file now."""
@@ -68,45 +69,67 @@ class Reloader:
         self.on_refused = on_refused
         self._seen = serving if serving is not None else signature(path)  # what serves now was built from this
         self._polled = time.monotonic()
+        self.watch = watch  # False: only what the control topic asks for (control.py)
         self._loading: threading.Thread | None = None
         self._ready: Loaded | None = None
+        self._requested: tuple[Path, str | None] | None = None  # from the control topic, not started yet
         self._lock = threading.Lock()
 
+    def request(self, path: Path, version: str | None) -> None:
+        """Load ``path`` (the control topic's ``load``), served only if its model is ``version`` (when given).
+        A later request replaces one not started yet."""
+        self._requested = (path, version)
+
     def poll(self) -> None:
-        """Cheap; call it from the loop as often as convenient: a stat every ``poll_s``, a load on a change."""
+        """Cheap; call it from the loop as often as convenient: a stat every ``poll_s``, a load on a change
+        (or on a request from the control topic)."""
         now = time.monotonic()
-        if now - self._polled < self.poll_s or (self._loading is not None and self._loading.is_alive()):
+        if self._loading is not None and self._loading.is_alive():
+            return
+        if self._requested is not None:
+            (path, version), self._requested = self._requested, None
+            self._start(None, path, version)
+            return
+        if not self.watch or now - self._polled < self.poll_s:
             return
         self._polled = now
         now_file = signature(self.path)
         if now_file is None or now_file == self._seen:
             return  # gone for a moment (a rename in progress), or unchanged
         self._seen = now_file
+        self._start(now_file, self.path, None)
+
+    def _start(self, watched: tuple | None, path: Path, version: str | None) -> None:
         context = contextvars.copy_context()  # its lines carry the worker's id, as every line does
-        self._loading = threading.Thread(target=context.run, args=(self._load, now_file), name="reload", daemon=True)
+        self._loading = threading.Thread(
+            target=context.run, args=(self._load, watched, path, version), name="reload", daemon=True
+        )
         self._loading.start()
 
-    def _load(self, loading: tuple) -> None:
+    def _load(self, watched: tuple | None, path: Path, version: str | None) -> None:
+        """``watched``: the stat of the watched path that started it (None: a control-topic request)."""
         started = time.perf_counter()
-        log.info("model.reload_started", path=str(self.path))
+        log.info("model.reload_started", path=str(path), asked_version=version)
         try:
-            model = self.load(self.path)
+            model = self.load(path)
+            if version is not None and model.model_version != version:
+                raise SorterError(f"the control message asked for model {version}; {path} holds {model.model_version}")
             self.check(model)
             model.predict([np.zeros((model.input_size, model.input_size, 3), np.uint8)])  # warm-up
         except SorterError as exc:
-            self._refuse(str(exc))
+            self._refuse(path, str(exc))
             return
         except Exception as exc:  # a surprise from torch/OpenVINO on a bad file: refused, never a crash
-            self._refuse(f"{type(exc).__name__}: {exc}")
+            self._refuse(path, f"{type(exc).__name__}: {exc}")
             return
-        if signature(self.path) != loading:  # replaced again while loading: load that one instead
+        if watched is not None and signature(self.path) != watched:  # replaced again meanwhile: load that one
             self._seen = None
             return
         with self._lock:
-            self._ready = Loaded(model, self.path, time.perf_counter() - started)
+            self._ready = Loaded(model, path, time.perf_counter() - started)
 
-    def _refuse(self, why: str) -> None:
-        log.error("model.reload_refused", path=str(self.path), error=why[:500], serving="the previous model")
+    def _refuse(self, path: Path, why: str) -> None:
+        log.error("model.reload_refused", path=str(path), error=why[:500], serving="the previous model")
         if self.on_refused is not None:
             self.on_refused(why)
 

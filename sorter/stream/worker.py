@@ -192,7 +192,7 @@ class Worker:
         self.server: ObservabilityServer | None = None
         self.assigned: set[tuple[str, int]] = set()
         self.last_progress = time.monotonic()
-        self.own_topics = {k.commands_topic, k.dlq_topic}
+        self.own_topics = {k.commands_topic, k.dlq_topic} | ({k.control_topic} if k.control_topic else set())
         config = consumer_config(k)  # the strategy as librdkafka gets it (a client pass-through may set it)
         self.cooperative = "cooperative" in str(config["partition.assignment.strategy"])
         self._collecting: list[Message] = []  # the batch being collected (a revocation may take from it)
@@ -213,6 +213,7 @@ class Worker:
         self._ever_owned = False
         self._runner = SerialRunner("batch")
         self.reloader = None  # a Reloader (reload.py) when hot reload is on; app.py sets it
+        self.control = None  # a ControlReader (control.py): the control topic's load requests
         self._new_model = None  # loaded by the reloader, handed to the next batch submitted
         self.failpoints = _failpoints()
         self.fetch_watch = FetchWatch(
@@ -509,6 +510,13 @@ class Worker:
     def _take_new_model(self) -> None:
         if self.reloader is None:
             return
+        request = self.control.poll() if self.control is not None else None
+        if request is not None:
+            if request.version is not None and request.version == self.pipeline.model.model_version:
+                log.info("control.already_serving", version=request.version, checkpoint=str(request.checkpoint))
+            else:
+                log.info("control.load", version=request.version, checkpoint=str(request.checkpoint))
+                self.reloader.request(request.checkpoint, request.version)
         self.reloader.poll()
         loaded = self.reloader.take()
         if loaded is not None:
@@ -774,6 +782,8 @@ class Worker:
         )
 
     def close(self) -> None:
+        if self.control is not None:
+            self.control.close()
         left = self.stop_event.left()
         self.delivery.close(timeout=min(10.0, max(0.5, left)) if left is not None else 10.0)
         self.consumer.close()

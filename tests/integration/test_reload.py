@@ -118,3 +118,69 @@ def _ts(iso: str) -> float:
     from datetime import datetime
 
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+def test_the_control_topic_loads_the_model_it_names_and_refuses_a_version_the_file_does_not_hold(
+    settings_for, namespace, bootstrap, checkpoint, tmp_path
+):
+    """Every pod reads the control topic (no group); a message naming a file and its version is served, a
+    message whose version the file does not hold is refused, junk is ignored; traffic flows throughout."""
+    model, meta = load_checkpoint(checkpoint)
+    save_checkpoint(tmp_path / "m2.pt", model, meta.model_copy(update={"model_version": "it-2"}))
+    settings = settings_for(model={"checkpoint": checkpoint, "device": "cpu", "reload_poll_s": 0},
+                            kafka={"control_topic": f"{namespace}-control"},
+                            batch={"max_size": 8, "max_wait_ms": 5})  # fmt: skip
+    topic = f"{settings.kafka.topic_prefix}dock-1"
+    ensure_topics(settings.kafka, {topic: 1, settings.kafka.control_topic: 1})
+    control = Producer({"bootstrap.servers": bootstrap})
+    control.produce(settings.kafka.control_topic, b"{not json")  # before the pod starts: read at start too
+    control.flush(10)
+    config = write_config(settings, tmp_path / "sorter.yaml")
+    log_path = tmp_path / "worker.log"
+    rng = np.random.default_rng(5)
+    photos = [render(d, rng, size=(160, 120)) for d in catalog(4)]
+    n = 120
+    with log_path.open("w") as out:
+        argv = [sys.executable, "-m", "sorter", "run", "--config", str(config), "--idle-exit", "4"]
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+        try:
+            _wait_for(log_path, "worker.assigned", proc)
+            _wait_for(log_path, "control.ignored", proc, 30)
+            p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0})
+            for i in range(n):
+                if i == 30:
+                    control.produce(
+                        settings.kafka.control_topic,
+                        json.dumps(
+                            {"action": "load", "checkpoint": str(tmp_path / "m2.pt"), "version": "it-9"}
+                        ).encode(),
+                    )
+                    control.flush(10)
+                    _wait_for(log_path, "model.reload_refused", proc, 60)
+                if i == 60:
+                    control.produce(
+                        settings.kafka.control_topic,
+                        json.dumps(
+                            {"action": "load", "checkpoint": str(tmp_path / "m2.pt"), "version": "it-2"}
+                        ).encode(),
+                    )
+                    control.flush(10)
+                    _wait_for(log_path, "model.reloaded", proc, 60)
+                headers = [("item-id", f"{namespace}-{i}".encode()),
+                           ("captured-at", str(time.time_ns() // 1_000_000).encode())]  # fmt: skip
+                p.produce(topic, photos[i % 4], f"{namespace}-{i}".encode(), headers=headers)
+                p.poll(0)
+                time.sleep(0.05)
+            p.flush(30)
+            assert proc.wait(120) == 0, log_path.read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    commands = [json.loads(m.value()) for m in consume_all(bootstrap, settings.kafka.commands_topic, expect=n)]
+    assert len({c["item_id"] for c in commands}) == n == len(commands)
+    versions = [c["model_version"] for c in sorted(commands, key=lambda c: c["source"]["offset"])]
+    switch = versions.index("it-2")
+    assert 30 < switch <= 61 and set(versions[:switch]) == {"it-1"} and set(versions[switch:]) == {"it-2"}
+    refused = next(e for e in _events(log_path) if e["event"] == "model.reload_refused")
+    assert "asked for model it-9" in refused["error"] and "holds it-2" in refused["error"]
+    report("control topic: load by name and version", items=n, commands=len(commands), switch_at_item=switch)
