@@ -158,6 +158,7 @@ class FakeConsumer:
         self.assigned: list[tuple[str, int]] = []
         self.paused: set[tuple[str, int]] = set()
         self.position: dict[tuple[str, int], int] = {}
+        self._eof_at: dict[tuple[str, int], int] = {}  # enable.partition.eof: the end last reported
         self.events: list[tuple[int, float, str, list[tuple[str, int]]]] = []  # (due call, due time, event)
         self.max_per_call = 1_000_000  # at most this many messages per consume(), as a fetch may return few
         self.commits: list[list[tuple[str, int, int]]] = []
@@ -222,6 +223,15 @@ class FakeConsumer:
                         progress = True
                         if self.drain_first:  # as librdkafka's shared queue can: the same one, first, every time
                             break
+            if self.config.get("enable.partition.eof"):  # once per end reached, as librdkafka says it
+                for tp in self.assigned:
+                    part = self.cluster.topics.get(tp[0], [])
+                    end = len(part[tp[1]]) if tp[1] < len(part) else 0
+                    if len(out) < n and self.position.get(tp, 0) == end and self._eof_at.get(tp) != end:
+                        self._eof_at[tp] = end
+                        out.append(
+                            FakeMessage(tp[0], tp[1], end, None, None, _error=KafkaError(KafkaError._PARTITION_EOF))
+                        )
         return out
 
     def stats(self) -> str:
@@ -283,7 +293,15 @@ class FakeConsumer:
     def list_topics(self, topic=None, timeout: float = -1):
         from types import SimpleNamespace
 
-        return SimpleNamespace(topics={t: SimpleNamespace(topic=t) for t in self.cluster.topics})
+        topics = {
+            t: SimpleNamespace(topic=t, error=None, partitions={p: SimpleNamespace(id=p) for p in range(len(parts))})
+            for t, parts in self.cluster.topics.items()
+        }
+        return SimpleNamespace(topics=topics)
+
+    def get_watermark_offsets(self, tp, timeout: float = -1, cached: bool = False) -> tuple[int, int]:
+        with self.cluster.lock:
+            return 0, len(self.cluster.topics[tp.topic][tp.partition])
 
     def assignment(self) -> list[TopicPartition]:
         return [TopicPartition(t, p) for t, p in self.assigned]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -231,3 +232,130 @@ def test_a_control_request_is_served_only_if_the_file_holds_the_version_it_names
     reloader.request(other, "v7")
     loaded = _wait(reloader)
     assert loaded.model.model_version == "v7" and loaded.path == other
+
+
+def test_a_control_message_nested_too_deep_for_json_is_ignored_not_a_crash():
+    from sorter.stream.control import parse
+
+    assert "not JSON" in parse(b"[" * 100_000)  # json.loads raises RecursionError
+
+
+def _load_request(version: str) -> bytes:
+    return json.dumps({"action": "load", "checkpoint": f"/models/{version}.pt", "version": version}).encode()
+
+
+def test_a_new_pod_acts_only_on_the_latest_control_message_not_on_each_of_the_history():
+    from sorter.stream.control import ControlReader
+
+    cluster = FakeCluster()
+    cluster.create("sort.control")
+    for i in range(250):  # weeks of rollouts and rollbacks
+        cluster.append("sort.control", _load_request(f"v{i}"))
+    reader = ControlReader(cluster.consumer({"enable.partition.eof": True}), "sort.control")
+    asked = [r.version for _ in range(20) if (r := reader.poll()) is not None]
+    assert asked == ["v249"]
+    cluster.append("sort.control", _load_request("v250"))  # live from here on
+    asked = [r.version for _ in range(5) if (r := reader.poll()) is not None]
+    assert asked == ["v250"]
+
+
+def test_a_control_topic_with_several_partitions_is_caught_up_by_publish_time():
+    from sorter.stream.control import ControlReader
+
+    cluster = FakeCluster()
+    cluster.create("sort.control", partitions=2)
+    for version, partition, at in [("v1", 0, 1_000), ("v4", 0, 4_000), ("v2", 1, 2_000), ("v3", 1, 3_000)]:
+        cluster.append("sort.control", _load_request(version), partition=partition)._timestamp = at
+    reader = ControlReader(cluster.consumer({"enable.partition.eof": True}), "sort.control")
+    assert [r.version for _ in range(20) if (r := reader.poll()) is not None] == ["v4"]
+
+
+def test_a_load_superseded_while_it_loads_is_never_served(tmp_path):
+    """An operator rolls v7 out, then back to v6 (serving) while v7 still loads: v6 must stay."""
+    import threading
+
+    gate = threading.Event()
+
+    def load(p):
+        if p.name == "v7.pt":
+            gate.wait(5)
+        return Versioned(p.stem)
+
+    reloader = Reloader(tmp_path / "model.pt", load, lambda m: None, poll_s=0, watch=False)
+    reloader.request(tmp_path / "v7.pt", "v7")
+    reloader.poll()  # v7 loading
+    reloader.cancel()  # the rollback to what serves
+    gate.set()
+    assert _wait(reloader, 0.5) is None
+    reloader.request(tmp_path / "v7.pt", "v7")
+    reloader.poll()
+    reloader.request(tmp_path / "v8.pt", "v8")  # a newer release while v7 loads: only v8 serves
+    assert _wait(reloader).model.model_version == "v8" and _wait(reloader, 0.3) is None
+
+
+def _loop_with_control(control, n: int = 20):
+    cluster = FakeCluster()
+    topic = "frames.dock-1"
+    cluster.create(topic)
+    for i in range(n):
+        headers = [("item-id", f"i{i}".encode()), ("captured-at", str(NOW_MS).encode())]
+        cluster.append(topic, photo(0, 0.9), f"i{i}".encode(), headers)
+    routes = RoutingTable(default_chute="C-99", review_chute="R", min_confidence=0.5)
+    pipeline = Pipeline(Versioned("v1", 32), routes, MemoryCache(), Decoder(2, 10_000), worker_id="w")
+    s = load_settings(kafka={"bootstrap_servers": "fake:9092"}, batch={"max_size": 4, "max_wait_ms": 5},
+                      observe={"enabled": False}, worker_id="w", shutdown_deadline_s=5)  # fmt: skip
+    batches = []
+    w = Worker(s, pipeline, clients=KafkaClients(cluster.consumer, cluster.producer), on_batch=batches.append)
+    w.control = control
+    return cluster, w, batches
+
+
+def test_a_control_topic_that_fails_to_read_never_stops_the_worker():
+    from structlog.testing import capture_logs
+
+    class Broken:
+        def poll(self):
+            raise RuntimeError("KafkaError{code=_TRANSPORT}")
+
+        def close(self):
+            raise RuntimeError("closed twice")
+
+    cluster, w, _ = _loop_with_control(Broken())
+    w.reloader = Reloader(Path("model.pt"), Versioned, lambda m: None, poll_s=60, watch=False)
+    w.consumer.schedule(("assign", [("frames.dock-1", 0)]))
+    with capture_logs() as logs:
+        w.run(idle_exit_s=0.3)  # closes the worker (and the control reader) at the end
+    assert len(cluster.messages("sort.commands")) == 20
+    events = [e["event"] for e in logs]
+    assert events.count("control.failed") == 1 and "control.close_failed" in events  # once, not once per loop
+
+
+def test_a_rollback_published_while_the_new_model_loads_keeps_the_old_one():
+    class Requests:
+        def __init__(self):
+            self.queue = [("v7", 0), ("v1", 1)]  # v7 asked, then back to v1 (serving) one loop later
+            self.calls = 0
+
+        def poll(self):
+            self.calls += 1
+            from sorter.stream.control import LoadRequest
+
+            if self.queue and self.calls > self.queue[0][1]:
+                version = self.queue.pop(0)[0]
+                return LoadRequest(action="load", checkpoint=Path(f"/m/{version}.pt"), version=version)
+            return None
+
+        def close(self):
+            pass
+
+    def load(p):
+        time.sleep(0.05)
+        return Versioned(p.stem)
+
+    cluster, w, _ = _loop_with_control(Requests(), n=80)
+    w.reloader = Reloader(Path("model.pt"), load, lambda m: None, poll_s=60, watch=False)
+    w.pipeline.model.delay_s = 0.02  # the frames outlast the load
+    w.consumer.schedule(("assign", [("frames.dock-1", 0)]))
+    w.run(idle_exit_s=0.5)
+    assert len(cluster.messages("sort.commands")) == 80
+    assert {json.loads(m.value())["model_version"] for m in cluster.messages("sort.commands")} == {"v1"}

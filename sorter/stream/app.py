@@ -143,8 +143,10 @@ def _build_worker(settings: Settings, *, create_topics: bool = True, **kwargs) -
     log.info("worker.limits", decode_threads=settings.batch.decode_threads, **memory)
     k = settings.kafka
     if create_topics:
-        control = {k.control_topic: 1} if k.control_topic else {}
-        ensure_topics(k, {k.commands_topic: 1, k.dlq_topic: 1} | control)
+        control = {k.control_topic: 1} if k.control_topic else {}  # one partition: requests in order
+        # the control topic's last request is what a new pod serves: kept forever (a few bytes each)
+        forever = {k.control_topic: {"retention.ms": "-1", "retention.bytes": "-1"}} if k.control_topic else {}
+        ensure_topics(k, {k.commands_topic: 1, k.dlq_topic: 1} | control, configs=forever)
     log.info("worker.config", settings=settings.redacted())
     worker = Worker(settings, pipeline, **kwargs)
     worker.metrics.set_model(pipeline.model)
@@ -152,7 +154,8 @@ def _build_worker(settings: Settings, *, create_topics: bool = True, **kwargs) -
         worker.reloader = build_reloader(settings, pipeline, worker.metrics, serving)
     if k.control_topic:
         clients = kwargs.get("clients") or KafkaClients()
-        config = kafka_config(k, required={"group.id": f"{k.group_id}.control", "enable.auto.commit": False})
+        config = kafka_config(k, required={"group.id": f"{k.group_id}.control", "enable.auto.commit": False,
+                                                   "enable.partition.eof": True})  # fmt: skip
         worker.control = ControlReader(clients.consumer(config), k.control_topic)
     return worker
 

@@ -209,8 +209,11 @@ def wait_for_broker(s: KafkaSettings, timeout_s: float) -> None:
             delay = min(delay * 2, 8.0)
 
 
-def ensure_topics(s: KafkaSettings, topics: dict[str, int], timeout: float = 10.0) -> None:
-    """Create the topics that do not exist yet (name -> partitions); existing ones are left alone."""
+def ensure_topics(
+    s: KafkaSettings, topics: dict[str, int], timeout: float = 10.0, configs: dict[str, dict[str, str]] | None = None
+) -> None:
+    """Create the topics that do not exist yet (name -> partitions; ``configs``: name -> topic configs);
+    existing ones are left alone."""
     admin = AdminClient(admin_config(s))
     try:
         existing = set(admin.list_topics(timeout=timeout).topics)
@@ -220,7 +223,9 @@ def ensure_topics(s: KafkaSettings, topics: dict[str, int], timeout: float = 10.
             "check SORTER_KAFKA__BOOTSTRAP_SERVERS and the broker"
         ) from None
     missing = [
-        NewTopic(name, num_partitions=n, replication_factor=1) for name, n in topics.items() if name not in existing
+        NewTopic(name, num_partitions=n, replication_factor=1, config=(configs or {}).get(name, {}))
+        for name, n in topics.items()
+        if name not in existing
     ]
     if not missing:
         return

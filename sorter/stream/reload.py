@@ -73,12 +73,21 @@ class Reloader:
         self._loading: threading.Thread | None = None
         self._ready: Loaded | None = None
         self._requested: tuple[Path, str | None] | None = None  # from the control topic, not started yet
+        self._generation = 0  # bumped by each request: a load started before it is never served
         self._lock = threading.Lock()
 
     def request(self, path: Path, version: str | None) -> None:
         """Load ``path`` (the control topic's ``load``), served only if its model is ``version`` (when given).
-        A later request replaces one not started yet."""
+        It supersedes every earlier request and load: one not started is replaced, one loading or loaded but
+        not taken yet is dropped when done (the newest request is what serves, a rollback included)."""
+        self.cancel()
         self._requested = (path, version)
+
+    def cancel(self) -> None:
+        """Drop every load asked for or under way (a rollback to the model serving: nothing to load)."""
+        with self._lock:
+            self._generation += 1
+            self._requested, self._ready = None, None
 
     def poll(self) -> None:
         """Cheap; call it from the loop as often as convenient: a stat every ``poll_s``, a load on a change
@@ -102,11 +111,14 @@ class Reloader:
     def _start(self, watched: tuple | None, path: Path, version: str | None) -> None:
         context = contextvars.copy_context()  # its lines carry the worker's id, as every line does
         self._loading = threading.Thread(
-            target=context.run, args=(self._load, watched, path, version), name="reload", daemon=True
+            target=context.run,
+            args=(self._load, watched, path, version, self._generation),
+            name="reload",
+            daemon=True,
         )
         self._loading.start()
 
-    def _load(self, watched: tuple | None, path: Path, version: str | None) -> None:
+    def _load(self, watched: tuple | None, path: Path, version: str | None, generation: int) -> None:
         """``watched``: the stat of the watched path that started it (None: a control-topic request)."""
         started = time.perf_counter()
         log.info("model.reload_started", path=str(path), asked_version=version)
@@ -126,6 +138,9 @@ class Reloader:
             self._seen = None
             return
         with self._lock:
+            if generation != self._generation:
+                log.info("model.reload_superseded", path=str(path), version=model.model_version)
+                return
             self._ready = Loaded(model, path, time.perf_counter() - started)
 
     def _refuse(self, path: Path, why: str) -> None:

@@ -214,6 +214,8 @@ class Worker:
         self._runner = SerialRunner("batch")
         self.reloader = None  # a Reloader (reload.py) when hot reload is on; app.py sets it
         self.control = None  # a ControlReader (control.py): the control topic's load requests
+        self._control_failed_at = float("-inf")
+        self._serving_version = pipeline.model.model_version  # what batches submitted from now on run
         self._new_model = None  # loaded by the reloader, handed to the next batch submitted
         self.failpoints = _failpoints()
         self.fetch_watch = FetchWatch(
@@ -510,10 +512,12 @@ class Worker:
     def _take_new_model(self) -> None:
         if self.reloader is None:
             return
-        request = self.control.poll() if self.control is not None else None
+        request = self._control_request()
         if request is not None:
-            if request.version is not None and request.version == self.pipeline.model.model_version:
+            self._new_model = None  # loaded but not served yet: the newest request wins, a rollback included
+            if request.version is not None and request.version == self._serving_version:
                 log.info("control.already_serving", version=request.version, checkpoint=str(request.checkpoint))
+                self.reloader.cancel()  # a load another request started is dropped
             else:
                 log.info("control.load", version=request.version, checkpoint=str(request.checkpoint))
                 self.reloader.request(request.checkpoint, request.version)
@@ -522,6 +526,21 @@ class Worker:
         if loaded is not None:
             self._new_model = loaded
 
+    def _control_request(self):
+        """The control topic's request, if any; a failure to read it is said (once a minute), never a crash:
+        the model serving keeps serving."""
+        if self.control is None:
+            return None
+        try:
+            return self.control.poll()
+        except Exception as exc:
+            now = time.monotonic()
+            if now - self._control_failed_at >= 60.0:
+                self._control_failed_at = now
+                log.error("control.failed", error=f"{type(exc).__name__}: {str(exc)[:300]}",
+                          serving=self._serving_version)  # fmt: skip
+            return None
+
     def _serve_new_model(self):
         """The reloaded model, handed to the batch about to be submitted: it and every later batch use it,
         every batch before it the old one. From here on this thread's lines (and the batches' it submits)
@@ -529,7 +548,7 @@ class Worker:
         loaded, self._new_model = self._new_model, None
         if loaded is None:
             return None
-        old = self.pipeline.model.model_version
+        old, self._serving_version = self._serving_version, loaded.model.model_version
         structlog.contextvars.bind_contextvars(model_version=loaded.model.model_version)
         self.metrics.set_model(loaded.model)
         self.metrics.reloads.labels("loaded").inc()
@@ -783,7 +802,10 @@ class Worker:
 
     def close(self) -> None:
         if self.control is not None:
-            self.control.close()
+            try:
+                self.control.close()
+            except Exception as exc:  # nothing to lose there: the frames' consumer and the producer matter
+                log.warning("control.close_failed", error=f"{type(exc).__name__}: {str(exc)[:300]}")
         left = self.stop_event.left()
         self.delivery.close(timeout=min(10.0, max(0.5, left)) if left is not None else 10.0)
         self.consumer.close()

@@ -123,6 +123,7 @@ def settings_for(bootstrap, redis_url, checkpoint, routes, namespace):
                 "topic_prefix": f"{namespace}-frames.",
                 "commands_topic": f"{namespace}-commands",
                 "dlq_topic": f"{namespace}-dlq",
+                "control_topic": f"{namespace}-control",
                 "session_timeout_ms": 6000,
                 "fetch_wait_max_ms": 20,
                 "metadata_refresh_ms": 1000,

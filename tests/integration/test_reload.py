@@ -184,3 +184,42 @@ def test_the_control_topic_loads_the_model_it_names_and_refuses_a_version_the_fi
     refused = next(e for e in _events(log_path) if e["event"] == "model.reload_refused")
     assert "asked for model it-9" in refused["error"] and "holds it-2" in refused["error"]
     report("control topic: load by name and version", items=n, commands=len(commands), switch_at_item=switch)
+
+
+def test_a_pod_reads_the_control_topics_history_to_its_end_and_acts_on_the_last_request_only(
+    settings_for, namespace, bootstrap
+):
+    """A new pod on a control topic with a long history (sorter creates it kept forever) asks for one load:
+    the latest, a rollback included, not each of the history's in turn; then requests published live."""
+    from confluent_kafka import Consumer
+
+    from sorter.stream.control import ControlReader
+
+    settings = settings_for()
+    name = settings.kafka.control_topic
+    ensure_topics(settings.kafka, {name: 1}, configs={name: {"retention.ms": "-1", "retention.bytes": "-1"}})
+    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    for i in range(150):
+        p.produce(name, json.dumps({"action": "load", "checkpoint": f"/models/v{i}.pt", "version": f"v{i}"}).encode())
+    p.produce(name, json.dumps({"action": "load", "checkpoint": "/models/v7.pt", "version": "v7"}).encode())  # back
+    p.flush(10)
+    config = {"group.id": f"{namespace}.control", "enable.auto.commit": False, "enable.partition.eof": True}
+    consumer = Consumer({"bootstrap.servers": bootstrap} | config)
+    reader = ControlReader(consumer, name)
+    try:
+        asked, deadline = [], time.monotonic() + 20
+        while time.monotonic() < deadline and not asked:
+            if (r := reader.poll()) is not None:
+                asked.append(r.version)
+            time.sleep(0.01)
+        assert asked == ["v7"]
+        p.produce(name, json.dumps({"action": "load", "checkpoint": "/models/v8.pt", "version": "v8"}).encode())
+        p.flush(10)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and len(asked) < 2:
+            if (r := reader.poll()) is not None:
+                asked.append(r.version)
+            time.sleep(0.01)
+        assert asked == ["v7", "v8"]
+    finally:
+        reader.close()
