@@ -374,6 +374,10 @@ def run(
     ] = None,
     checkpoint: Annotated[Path | None, typer.Option(help="model checkpoint (SORTER_MODEL__CHECKPOINT)")] = None,
     routes: Annotated[Path | None, typer.Option(help="routing table, YAML or JSON (SORTER_ROUTES)")] = None,
+    shadow_checkpoint: Annotated[
+        Path | None,
+        typer.Option(help="a candidate model deciding on the side, to sort.shadow (SORTER_SHADOW__CHECKPOINT)"),
+    ] = None,
     group_id: Annotated[str | None, typer.Option(help="consumer group (SORTER_KAFKA__GROUP_ID)")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N (SORTER_MODEL__DEVICE)")] = None,
     delivery: Annotated[
@@ -411,6 +415,7 @@ def run(
         redis={"url": redis_url} if redis_url else None,
         model={k: v for k, v in {"checkpoint": checkpoint, "device": device}.items() if v} or None,
         observe={"port": metrics_port} if metrics_port is not None else None,
+        shadow={"checkpoint": shadow_checkpoint} if shadow_checkpoint else None,
         routes=routes,
         strict_routes=strict_routes,
     )

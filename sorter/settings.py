@@ -171,6 +171,13 @@ class ModelSettings(Section):
     )
 
 
+class ShadowSettings(Section):
+    checkpoint: Path | None = Field(None, description="a candidate model deciding on the side (shadow.py); none: off")
+    fraction: float = Field(1.0, gt=0, le=1, description="share of items the candidate decides (by item id)")
+    topic: str = Field("sort.shadow", min_length=1, description="where its decisions go; never read by actuators")
+    max_queued_batches: int = Field(4, ge=1, le=1000, description="batches waiting for it; more are skipped, counted")
+
+
 class ObserveSettings(Section):
     enabled: bool = True
     host: str = "0.0.0.0"
@@ -190,6 +197,7 @@ class Settings(BaseSettings):
     redis: RedisSettings = Field(default_factory=RedisSettings)
     batch: BatchSettings = Field(default_factory=BatchSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
+    shadow: ShadowSettings = Field(default_factory=ShadowSettings)
     observe: ObserveSettings = Field(default_factory=ObserveSettings)
     routes: Path | None = None
     strict_routes: bool = Field(False, description="routes naming no label or SKU of the model stop start-up")

@@ -35,6 +35,7 @@ class BenchConfig:
     bootstrap: str | None = None
     redis_url: str | None = None
     pool: int = 48  # distinct photos, cycled
+    shadow_checkpoint: Path | None = None  # a candidate model beside the live one (shadow.py): what shadowing costs
     out: Path | None = None
 
 

@@ -118,6 +118,7 @@ def _settings(cfg: BenchConfig, bootstrap: str, redis_url: str, checkpoint: Path
         }
         | ({"max_wait_ms": cfg.max_wait_ms} if cfg.max_wait_ms is not None else {}),
         observe={"enabled": False},
+        shadow={"checkpoint": cfg.shadow_checkpoint, "topic": f"{prefix}.shadow"} if cfg.shadow_checkpoint else None,
         routes=routes,
         worker_id=f"{prefix}-worker",
     )
@@ -263,7 +264,18 @@ def paced(cfg: BenchConfig, frames: Frames, checkpoint: Path, bootstrap: str, re
             "slope_mb_per_min": round(float(slope), 2),
         },
         "rss_series": [(round(t, 1), round(m, 1)) for t, m in rss],
+        "shadow": _shadow(worker),
     }
+
+
+def _shadow(worker) -> dict | None:
+    """What the candidate model did beside the live one (shadow.py), when there was one."""
+    s = worker.shadow
+    if s is None:
+        return None
+    per_batch = [v for m in worker.metrics.shadow_batch_s.collect() for v in m.samples if v.name.endswith("_sum")]
+    return {"batches": s.batches, "commands": s.commands, "skipped_frames": s.skipped_frames, "errors": s.errors,
+            "seconds": round(per_batch[0].value, 2) if per_batch else None}  # fmt: skip
 
 
 # -- 3. the naive loop -----------------------------------------------------------------------------

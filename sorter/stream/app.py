@@ -11,13 +11,14 @@ from sorter.model.checkpoint import Checkpoint, read_checkpoint
 from sorter.model.int8 import check_int8
 from sorter.model.runtime import make_runtime
 from sorter.settings import Settings
-from sorter.stream.cache import DecisionCache, NoCache, RedisDecisionCache
+from sorter.stream.cache import DecisionCache, MemoryCache, NoCache, RedisDecisionCache
 from sorter.stream.control import ControlReader
 from sorter.stream.inference import Classifier
 from sorter.stream.kafka import KafkaClients, ensure_topics, kafka_config, wait_for_broker
 from sorter.stream.pipeline import Decoder, Pipeline
 from sorter.stream.reload import Reloader, signature
 from sorter.stream.routing import RoutingTable, check_routes, load_routing_table
+from sorter.stream.shadow import Shadow, ShadowProducer, undelivered
 from sorter.stream.worker import Worker
 
 log = get_logger("sorter.app")
@@ -136,6 +137,7 @@ def _build_worker(settings: Settings, *, create_topics: bool = True, **kwargs) -
     _check_port(settings)
     serving = signature(settings.model.checkpoint) if settings.model.checkpoint else None  # before it is read
     checked = preflight(settings)
+    candidate = read_checkpoint(settings.shadow.checkpoint) if settings.shadow.checkpoint else None  # one line
     wait_for_broker(settings.kafka, settings.kafka.startup_timeout_s)
     pipeline = build_pipeline(settings, checked)
     del checked
@@ -146,10 +148,15 @@ def _build_worker(settings: Settings, *, create_topics: bool = True, **kwargs) -
         control = {k.control_topic: 1} if k.control_topic else {}  # one partition: requests in order
         # the control topic's last request is what a new pod serves: kept forever (a few bytes each)
         forever = {k.control_topic: {"retention.ms": "-1", "retention.bytes": "-1"}} if k.control_topic else {}
-        ensure_topics(k, {k.commands_topic: 1, k.dlq_topic: 1} | control, configs=forever)
+        shadow = {settings.shadow.topic: 1} if candidate is not None else {}
+        ensure_topics(k, {k.commands_topic: 1, k.dlq_topic: 1} | control | shadow, configs=forever)
     log.info("worker.config", settings=settings.redacted())
     worker = Worker(settings, pipeline, **kwargs)
     worker.metrics.set_model(pipeline.model)
+    if candidate is not None:
+        worker.shadow = build_shadow(
+            settings, pipeline, candidate, worker.metrics, kwargs.get("clients") or KafkaClients()
+        )
     if settings.model.reload_poll_s > 0 or k.control_topic:
         worker.reloader = build_reloader(settings, pipeline, worker.metrics, serving)
     if k.control_topic:
@@ -158,6 +165,35 @@ def _build_worker(settings: Settings, *, create_topics: bool = True, **kwargs) -
                                                    "enable.partition.eof": True})  # fmt: skip
         worker.control = ControlReader(clients.consumer(config), k.control_topic)
     return worker
+
+
+def build_shadow(settings: Settings, pipeline: Pipeline, read: Checkpoint, metrics, clients: KafkaClients) -> Shadow:
+    """The candidate model beside the live one (shadow.py): built as the live model is, checked against the same
+    routing table, its own pipeline (the live table, an in-process cache, its own decoder) and topic."""
+    m, b, k, sh = settings.model, settings.batch, settings.kafka, settings.shadow
+    check_routes(pipeline.routes, read.meta.classes, read.meta.skus, strict=settings.strict_routes)
+    check_int8(read, sh.checkpoint, m.precision)
+    model = Classifier(sh.checkpoint, device=m.device, precision=m.precision, compile=m.compile, max_batch=b.max_size,
+                       read=read)  # fmt: skip
+    log.info("shadow.loaded", candidate=model.model_version, live=pipeline.model.model_version, topic=sh.topic,
+             fraction=sh.fraction, backbone=model.meta.backbone, precision=model.precision)  # fmt: skip
+    if model.model_version == pipeline.model.model_version:
+        log.warning("shadow.same_version", model_version=model.model_version, why="the candidate is the live model")
+    candidate = Pipeline(
+        model,
+        pipeline.routes,
+        MemoryCache(max_items=100_000),  # never the live cache: the candidate's decisions are not orders
+        Decoder(max(1, b.decode_threads // 2), b.max_pixels),
+        worker_id=settings.worker_id,
+        topic_prefix=k.topic_prefix,
+        max_payload_bytes=b.max_payload_bytes,
+        pass_window_ms=settings.redis.pass_window_ms,
+    )
+    candidate.judge_late = False  # it decides what the live model decided, however old (late items are left out)
+    config = kafka_config(k, {"linger.ms": 5, "enable.idempotence": True, "acks": "all"})
+    producer = ShadowProducer(clients.producer, config, undelivered(metrics))
+    return Shadow(candidate, producer, sh.topic, metrics, fraction=sh.fraction,
+                  max_queued_batches=sh.max_queued_batches, topic_prefix=k.topic_prefix)  # fmt: skip
 
 
 def build_reloader(settings: Settings, pipeline: Pipeline, metrics, serving: tuple | None = None) -> Reloader:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Protocol
 
@@ -45,17 +46,23 @@ class NoCache:
 
 
 class MemoryCache:
-    """In-process cache with the same contract, for unit tests and single-process replays."""
+    """In-process cache with the same contract, for unit tests, single-process replays and the shadow model;
+    ``max_items``: the oldest written go first beyond it (None: unbounded)."""
 
-    def __init__(self) -> None:
-        self.data: dict[str, dict] = {}
+    def __init__(self, max_items: int | None = None) -> None:
+        self.data: OrderedDict[str, dict] = OrderedDict()
+        self.max_items = max_items
         self.available = True
 
     def get_many(self, item_ids: list[str]) -> dict[str, dict]:
         return {i: self.data[i] for i in item_ids if i in self.data}
 
     def put_many(self, decisions: Mapping[str, dict]) -> None:
-        self.data.update(decisions)
+        for item_id, decision in decisions.items():
+            self.data[item_id] = decision
+            self.data.move_to_end(item_id)
+        while self.max_items is not None and len(self.data) > self.max_items:
+            self.data.popitem(last=False)
 
     def close(self) -> None:
         return None

@@ -178,6 +178,7 @@ class RoutingCommand(BaseModel):
     )
     views: int | None = Field(None, description="cameras whose views were fused into this decision (fusion on)")
     cameras: list[str] | None = Field(None, description="those cameras, first view first (fusion on)")
+    shadow: bool = Field(False, description="a candidate model's decision (the shadow topic): never obeyed")
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json().encode()

@@ -192,6 +192,27 @@ class Metrics:
         )
         for result in ("loaded", "refused"):
             self.reloads.labels(result)
+        # a shadow model's (shadow.py): exported only when one runs (enable_shadow)
+        self.shadow_compared = Counter(
+            "sorter_shadow_compared",
+            "items the live and the candidate (shadow) model both decided, by the live chute and whether the "
+            "candidate agreed: same (chute and label), other_label (same chute), other_chute",
+            ["station", "chute", "agreement"],
+            registry=None,
+        )
+        self.shadow_commands = Counter(
+            "sorter_shadow_commands", "the candidate's decisions, by reason", ["station", "reason"], registry=None
+        )
+        self.shadow_batch_s = Histogram(
+            "sorter_shadow_batch_seconds", "the candidate's time per batch (decode and model)", buckets=STAGE_BUCKETS,
+            registry=None,
+        )  # fmt: skip
+        self.shadow_skipped = Counter(
+            "sorter_shadow_skipped_frames", "frames the candidate could not take (its queue was full)", registry=None
+        )
+        self.shadow_errors = Counter(
+            "sorter_shadow_errors", "candidate batches that failed and shadow commands not delivered", registry=None
+        )
         self.model_info = Gauge(
             "sorter_model_info",
             "the loaded model (value 1)",
@@ -200,6 +221,12 @@ class Metrics:
         )
         self.station = StationLabels(max_stations, self._new_station)
         self._new_station(UNKNOWN_STATION)
+
+    def enable_shadow(self) -> None:
+        """Export the shadow model's series (a worker without one has none)."""
+        for metric in (self.shadow_compared, self.shadow_commands, self.shadow_batch_s, self.shadow_skipped,
+                       self.shadow_errors):  # fmt: skip
+            self.registry.register(metric)
 
     def set_model(self, model) -> None:
         """``sorter_model_info`` names the model serving (one series: a reload replaces it)."""

@@ -217,6 +217,7 @@ class Worker:
         self._control_failed_at = float("-inf")
         self._serving_version = pipeline.model.model_version  # what batches submitted from now on run
         self._new_model = None  # loaded by the reloader, handed to the next batch submitted
+        self.shadow = None  # a Shadow (shadow.py): a candidate model deciding on the side; app.py sets it
         self.failpoints = _failpoints()
         self.fetch_watch = FetchWatch(
             k.fetch_stall_s,
@@ -312,6 +313,8 @@ class Worker:
         self._drain(commit=not lost)
         self._group_changed_at = time.monotonic()
         gone = {(p.topic, p.partition) for p in partitions}
+        if self.shadow is not None:
+            self.shadow.forget(gone)
         forgotten = self.pipeline.forget(gone)  # open multi-camera views, uncommitted: the new owner reads them
         for tp in gone:
             self._finished_next.pop(tp, None)
@@ -603,6 +606,8 @@ class Worker:
                 self._failpoint("after_produce")  # delivered, neither remembered nor committed: a crash repeats it
             result.times.delivered = wall_ms()
             self.pipeline.cache.put_many(result.decisions)
+            if self.shadow is not None:  # the candidate sees the batch once its live commands are out
+                self.shadow.offer(raws, result)
             return result
         except TransactionAborted:
             if result is not None:  # its frames are read again (rewound); views fused from before are not
@@ -813,6 +818,10 @@ class Worker:
             self.server.stop()
             self.server = None
         self._runner.shutdown()
+        if self.shadow is not None:
+            left = self.stop_event.left()
+            done = self.shadow.close(timeout=min(10.0, max(0.5, left)) if left is not None else 10.0)
+            log.info("shadow.stopped", model_version=self.shadow.model_version, **done)
         self.pipeline.close(wait=not self.stats.unfinished_batches)
         log.info(
             "worker.stopped",

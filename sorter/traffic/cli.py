@@ -246,17 +246,44 @@ def inspect(
 
 def diff(
     a: Annotated[
-        Path, typer.Argument(metavar="A", help="commands of run A: JSON lines or a recording of the commands topic")
-    ],
-    b: Annotated[Path, typer.Argument(metavar="B", help="commands of run B")],
+        Path | None,
+        typer.Argument(metavar="[A]", help="commands of run A: JSON lines or a recording of the commands topic"),
+    ] = None,
+    b: Annotated[Path | None, typer.Argument(metavar="[B]", help="commands of run B")] = None,
+    shadow: Annotated[
+        bool,
+        typer.Option(
+            "--shadow",
+            help="A: the commands topic, B: the shadow topic, read from the broker (settings: SORTER_KAFKA__*, "
+            "SORTER_SHADOW__TOPIC, or --config)",
+            metavar="",
+        ),
+    ] = False,
+    config: Annotated[Path | None, typer.Option(help="--shadow: YAML settings file (also SORTER_CONFIG)")] = None,
     limit: Annotated[int, typer.Option(help="changed items to list")] = 20,
     fail_under: Annotated[float | None, typer.Option(help="exit 1 if chute agreement is below this (0-1)")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Compare two runs' routing commands: agreement, and the items that changed chute."""
-    from sorter.traffic.diff import diff_commands, load_commands
+    """Compare two runs' routing commands (or the live and the shadow model's): agreement, review shares, and
+    the items that changed chute."""
+    from sorter.traffic.diff import diff_commands, load_commands, load_topic
 
-    (ca, dup_a), (cb, dup_b) = load_commands(a), load_commands(b)
+    if shadow:
+        if a is not None or b is not None:
+            raise SorterError("--shadow reads both sides from the broker: give no files with it")
+        from sorter.settings import load_settings
+
+        settings = load_settings(config)
+        (ca, dup_a), (cb, dup_b) = (
+            load_topic(settings.kafka, settings.kafka.commands_topic),
+            load_topic(settings.kafka, settings.shadow.topic),
+        )
+        ca = {item: c for item, c in ca.items() if item in cb}  # the items the candidate was given (fraction)
+        a, b = settings.kafka.commands_topic, settings.shadow.topic
+    elif a is None or b is None:
+        raise SorterError("give two command files (A and B), or --shadow")
+    else:
+        (ca, dup_a), (cb, dup_b) = load_commands(a), load_commands(b)
     d = diff_commands(ca, cb)
     d.duplicates_a, d.duplicates_b = dup_a, dup_b
     s = d.as_dict(limit=limit)
@@ -266,7 +293,9 @@ def diff(
         f"B {b} ({s['b_items']} items, model {', '.join(s['model_versions_b'])})\n"
         f"common {s['common']}: same chute {s['chute_agreement']:.2%}, same label {s['label_agreement']:.2%}; "
         f"changed chute {s['changed']}; only in A {s['only_a']}, only in B {s['only_b']}; "
-        f"duplicates A {dup_a}, B {dup_b}"
+        f"duplicates A {dup_a}, B {dup_b}\n"
+        f"sent to review (low confidence, unknown product), of the common items: A {s['review_share_a']:.2%}, "
+        f"B {s['review_share_b']:.2%}"
     )
     if d.changed:
         table = Table(title=f"items that changed chute (first {min(limit, len(d.changed))})")
@@ -295,7 +324,7 @@ EXAMPLES = {
     replay: "sorter replay line-3.sorterrec --speed 2 --topic-prefix staging.",
     simulate: "sorter simulate --stations 4 --rate 5 --frames-per-item 1-3 --duration 60",
     inspect: "sorter inspect line-3.sorterrec --extract frames/ --limit 20",
-    diff: "sorter diff commands-a.jsonl commands-b.sorterrec --fail-under 0.99",
+    diff: "sorter diff commands-a.jsonl commands-b.sorterrec --fail-under 0.99   |   sorter diff --shadow",
 }
 
 
