@@ -178,6 +178,20 @@ class ShadowSettings(Section):
     max_queued_batches: int = Field(4, ge=1, le=1000, description="batches waiting for it; more are skipped, counted")
 
 
+class CanarySettings(Section):
+    checkpoint: Path | None = Field(None, description="a candidate model deciding at canary.stations (canary.py)")
+    stations: list[str] = Field(default_factory=list, description="where the candidate decides")
+    window: int = Field(200, ge=10, le=100_000, description="items the candidate is judged on (the last ones)")
+    min_agreement: float = Field(0.9, ge=0, le=1, description="chute agreement with the live model below: rollback")
+    max_review_rate: float = Field(0.2, ge=0, le=1, description="share sent to review above: rollback")
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> CanarySettings:
+        if bool(self.checkpoint) != bool(self.stations):
+            raise ValueError("a canary needs both a checkpoint and its stations (canary.checkpoint, canary.stations)")
+        return self
+
+
 class ObserveSettings(Section):
     enabled: bool = True
     host: str = "0.0.0.0"
@@ -198,6 +212,7 @@ class Settings(BaseSettings):
     batch: BatchSettings = Field(default_factory=BatchSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     shadow: ShadowSettings = Field(default_factory=ShadowSettings)
+    canary: CanarySettings = Field(default_factory=CanarySettings)
     observe: ObserveSettings = Field(default_factory=ObserveSettings)
     routes: Path | None = None
     strict_routes: bool = Field(False, description="routes naming no label or SKU of the model stop start-up")

@@ -355,6 +355,7 @@ README_ALERTS = {  # the README's "Metrics and what to alert on", plus delivery 
     "SorterLatencyOverBudget", "SorterLagGrowing", "SorterReviewShareHigh", "SorterDeadLetters", "SorterCacheDown",
     "SorterProducerRestarted", "SorterSlowBatches", "SorterPodNotReady", "SorterDeliveryBlocked",
     "SorterFetchStalled", "SorterItemsLate", "SorterCameraViewsMissing", "SorterModelReloadRefused",
+    "SorterCanaryRolledBack",
 }  # fmt: skip
 ON_CALL_PANELS = {  # what the dashboard must show: throughput, latency, lag, review share, dead letters, ...
     "sorter_frames_consumed_total", "sorter_commands_total", "sorter_end_to_end_latency_seconds_bucket",

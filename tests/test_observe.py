@@ -172,6 +172,10 @@ def exported_series() -> dict[str, set[str]]:
     worker.metrics.model_info.labels("resnet18", "v1", "3", "224", "cpu", "fp32").set(1)
     batch = BatchResult(commands=[routed("dock-1")], dead_letters=[dead("frames.dock-1")], frames=2, classified=1)
     worker.metrics.observe_batch(batch, {"frames.dock-1": 2}, 0.1)
+    worker.metrics.enable_shadow()  # exported when a shadow model or a canary runs
+    worker.metrics.enable_canary()
+    worker.metrics.shadow_compared.labels("dock-1", "C-1", "same").inc()
+    worker.metrics.shadow_commands.labels("dock-1", "classified").inc()
     worker.metrics.registry.register(WorkerCollector(worker))
     series: dict[str, set[str]] = {}
     for family in worker.metrics.registry.collect():

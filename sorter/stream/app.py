@@ -12,6 +12,7 @@ from sorter.model.int8 import check_int8
 from sorter.model.runtime import make_runtime
 from sorter.settings import Settings
 from sorter.stream.cache import DecisionCache, MemoryCache, NoCache, RedisDecisionCache
+from sorter.stream.canary import Canary
 from sorter.stream.control import ControlReader
 from sorter.stream.inference import Classifier
 from sorter.stream.kafka import KafkaClients, ensure_topics, kafka_config, wait_for_broker
@@ -138,6 +139,12 @@ def _build_worker(settings: Settings, *, create_topics: bool = True, **kwargs) -
     serving = signature(settings.model.checkpoint) if settings.model.checkpoint else None  # before it is read
     checked = preflight(settings)
     candidate = read_checkpoint(settings.shadow.checkpoint) if settings.shadow.checkpoint else None  # one line
+    canary = read_checkpoint(settings.canary.checkpoint) if settings.canary.checkpoint else None
+    if candidate is not None and canary is not None:
+        raise ConfigError(
+            "shadow.checkpoint and canary.checkpoint are both set: a canary's shadow is the live model (its "
+            "baseline); run one of them at a time"
+        )
     wait_for_broker(settings.kafka, settings.kafka.startup_timeout_s)
     pipeline = build_pipeline(settings, checked)
     del checked
@@ -148,19 +155,19 @@ def _build_worker(settings: Settings, *, create_topics: bool = True, **kwargs) -
         control = {k.control_topic: 1} if k.control_topic else {}  # one partition: requests in order
         # the control topic's last request is what a new pod serves: kept forever (a few bytes each)
         forever = {k.control_topic: {"retention.ms": "-1", "retention.bytes": "-1"}} if k.control_topic else {}
-        shadow = {settings.shadow.topic: 1} if candidate is not None else {}
+        shadow = {settings.shadow.topic: 1} if candidate is not None or canary is not None else {}
         ensure_topics(k, {k.commands_topic: 1, k.dlq_topic: 1} | control | shadow, configs=forever)
     log.info("worker.config", settings=settings.redacted())
     worker = Worker(settings, pipeline, **kwargs)
     worker.metrics.set_model(pipeline.model)
+    clients = kwargs.get("clients") or KafkaClients()
     if candidate is not None:
-        worker.shadow = build_shadow(
-            settings, pipeline, candidate, worker.metrics, kwargs.get("clients") or KafkaClients()
-        )
+        worker.shadow = build_shadow(settings, pipeline, candidate, worker.metrics, clients)
+    if canary is not None:
+        worker.shadow = build_canary(settings, pipeline, canary, worker.metrics, clients)
     if settings.model.reload_poll_s > 0 or k.control_topic:
         worker.reloader = build_reloader(settings, pipeline, worker.metrics, serving)
     if k.control_topic:
-        clients = kwargs.get("clients") or KafkaClients()
         config = kafka_config(k, required={"group.id": f"{k.group_id}.control", "enable.auto.commit": False,
                                                    "enable.partition.eof": True})  # fmt: skip
         worker.control = ControlReader(clients.consumer(config), k.control_topic)
@@ -170,30 +177,60 @@ def _build_worker(settings: Settings, *, create_topics: bool = True, **kwargs) -
 def build_shadow(settings: Settings, pipeline: Pipeline, read: Checkpoint, metrics, clients: KafkaClients) -> Shadow:
     """The candidate model beside the live one (shadow.py): built as the live model is, checked against the same
     routing table, its own pipeline (the live table, an in-process cache, its own decoder) and topic."""
-    m, b, k, sh = settings.model, settings.batch, settings.kafka, settings.shadow
-    check_routes(pipeline.routes, read.meta.classes, read.meta.skus, strict=settings.strict_routes)
-    check_int8(read, sh.checkpoint, m.precision)
-    model = Classifier(sh.checkpoint, device=m.device, precision=m.precision, compile=m.compile, max_batch=b.max_size,
-                       read=read)  # fmt: skip
-    log.info("shadow.loaded", candidate=model.model_version, live=pipeline.model.model_version, topic=sh.topic,
-             fraction=sh.fraction, backbone=model.meta.backbone, precision=model.precision)  # fmt: skip
+    model = _candidate(settings, pipeline, settings.shadow.checkpoint, read)
+    log.info("shadow.loaded", candidate=model.model_version, live=pipeline.model.model_version,
+             topic=settings.shadow.topic, fraction=settings.shadow.fraction, backbone=model.meta.backbone,
+             precision=model.precision)  # fmt: skip
     if model.model_version == pipeline.model.model_version:
         log.warning("shadow.same_version", model_version=model.model_version, why="the candidate is the live model")
-    candidate = Pipeline(
+    return _on_the_side(settings, pipeline, model, metrics, clients, fraction=settings.shadow.fraction)
+
+
+def build_canary(settings: Settings, pipeline: Pipeline, read: Checkpoint, metrics, clients: KafkaClients) -> Shadow:
+    """A candidate deciding at ``canary.stations`` (canary.py), and the live model's second copy deciding their
+    items on the side (its baseline): that shadow is returned, the canary set on the pipeline."""
+    c = settings.canary
+    model = _candidate(settings, pipeline, c.checkpoint, read)
+    if model.input_size != pipeline.model.input_size:
+        raise ConfigError(
+            f"canary.checkpoint {c.checkpoint} takes {model.input_size} px photos and the live model "
+            f"{pipeline.model.input_size} px: a canary needs the live model's input size (a frame is decoded once)"
+        )
+    baseline = _candidate(settings, pipeline, settings.model.checkpoint, read_checkpoint(settings.model.checkpoint))
+    canary = Canary(model, c.stations, window=c.window, min_agreement=c.min_agreement,
+                    max_review_rate=c.max_review_rate, metrics=metrics)  # fmt: skip
+    pipeline.canary = canary
+    return _on_the_side(settings, pipeline, baseline, metrics, clients, stations=canary.stations,
+                        on_compared=canary.compared)  # fmt: skip
+
+
+def _candidate(settings: Settings, pipeline: Pipeline, path, read: Checkpoint) -> Classifier:
+    m = settings.model
+    check_routes(pipeline.routes, read.meta.classes, read.meta.skus, strict=settings.strict_routes)
+    check_int8(read, path, m.precision)
+    return Classifier(path, device=m.device, precision=m.precision, compile=m.compile,
+                      max_batch=settings.batch.max_size, read=read)  # fmt: skip
+
+
+def _on_the_side(settings: Settings, pipeline: Pipeline, model, metrics, clients: KafkaClients, **kw) -> Shadow:
+    """``model`` deciding on the side (shadow.py): its own pipeline (the live routing table, an in-process cache,
+    its own decoder) and the shadow topic."""
+    b, k, sh = settings.batch, settings.kafka, settings.shadow
+    side = Pipeline(
         model,
         pipeline.routes,
-        MemoryCache(max_items=100_000),  # never the live cache: the candidate's decisions are not orders
+        MemoryCache(max_items=100_000),  # never the live cache: decisions on the side are not orders
         Decoder(max(1, b.decode_threads // 2), b.max_pixels),
         worker_id=settings.worker_id,
         topic_prefix=k.topic_prefix,
         max_payload_bytes=b.max_payload_bytes,
         pass_window_ms=settings.redis.pass_window_ms,
     )
-    candidate.judge_late = False  # it decides what the live model decided, however old (late items are left out)
+    side.judge_late = False  # it decides what the live side decided, however old (late items are left out)
     config = kafka_config(k, {"linger.ms": 5, "enable.idempotence": True, "acks": "all"})
     producer = ShadowProducer(clients.producer, config, undelivered(metrics))
-    return Shadow(candidate, producer, sh.topic, metrics, fraction=sh.fraction,
-                  max_queued_batches=sh.max_queued_batches, topic_prefix=k.topic_prefix)  # fmt: skip
+    return Shadow(side, producer, sh.topic, metrics, max_queued_batches=sh.max_queued_batches,
+                  topic_prefix=k.topic_prefix, **kw)  # fmt: skip
 
 
 def build_reloader(settings: Settings, pipeline: Pipeline, metrics, serving: tuple | None = None) -> Reloader:

@@ -213,6 +213,12 @@ class Metrics:
         self.shadow_errors = Counter(
             "sorter_shadow_errors", "candidate batches that failed and shadow commands not delivered", registry=None
         )
+        self.canary_rollbacks = Counter(
+            "sorter_canary_rollbacks", "canaries rolled back by themselves (canary.py)", registry=None
+        )
+        self.canary_active = Gauge(
+            "sorter_canary_active", "1 while a candidate model decides at the canary stations", registry=None
+        )
         self.model_info = Gauge(
             "sorter_model_info",
             "the loaded model (value 1)",
@@ -221,6 +227,11 @@ class Metrics:
         )
         self.station = StationLabels(max_stations, self._new_station)
         self._new_station(UNKNOWN_STATION)
+
+    def enable_canary(self) -> None:
+        """Export the canary's series (a worker without one has none)."""
+        self.registry.register(self.canary_rollbacks)
+        self.registry.register(self.canary_active)
 
     def enable_shadow(self) -> None:
         """Export the shadow model's series (a worker without one has none)."""

@@ -152,6 +152,7 @@ class Pipeline:
             o.decision_deadline_ms for o in routes.stations.values()
         )
         self.fuser = Fuser()  # items waiting for more of their views (fusion.py)
+        self.canary = None  # a Canary (canary.py): a candidate deciding at chosen stations; app.py sets it
         self._next_model: Model | None = None  # a reloaded model, served from the next batch (reload.py)
 
     def close(self, wait: bool = True) -> None:
@@ -193,6 +194,11 @@ class Pipeline:
             closing = {i.key: i for i in self.fuser.take_all()}  # decided now, by the model that saw their views
             self.model, self._next_model = self._next_model, None
         result.model_version = self.model.model_version
+        canary = self.canary.serving() if self.canary is not None else None  # once: a batch never switches
+
+        def model_for(station_id: str) -> Model:
+            return canary[0] if canary is not None and station_id in canary[1] else self.model
+
         position = {id(raw): i for i, raw in enumerate(raws)}
         frames: list[Frame] = []
         for raw in raws:
@@ -274,7 +280,12 @@ class Pipeline:
                 ok.append((frame, image))
 
         started = time.perf_counter()
-        predictions = self.model.predict([image for _, image in ok])
+        models = [model_for(frame.station_id) for frame, _ in ok]
+        predictions: list[Prediction] = [None] * len(ok)  # type: ignore[list-item]
+        for model in {id(m): m for m in models}.values():  # one model run per model (a canary's stations: two)
+            mine = [i for i, m in enumerate(models) if m is model]
+            for i, prediction in zip(mine, model.predict([ok[i][1] for i in mine]), strict=True):
+                predictions[i] = prediction
         result.infer_s = time.perf_counter() - started
         result.times.inferred = wall_ms()
         result.classified = len(predictions)
@@ -287,10 +298,11 @@ class Pipeline:
             fusion = self.routes.fusion_at(station_id)
             if fusion is not None:  # decided with the item's other views: now if all are in, else later
                 for frame, prediction in candidates:
-                    self.fuser.add(frame, prediction, fusion, decided_at, known.get(item_id), self.model)
+                    self.fuser.add(frame, prediction, fusion, decided_at, known.get(item_id), model_for(station_id))
                 continue
             frame, best = max(candidates, key=lambda c: _finite(c[1].confidence))
-            self._classified(result, frame, best, known.get(item_id), decided_at, len(candidates))
+            version = model_for(station_id).model_version
+            self._classified(result, frame, best, known.get(item_id), decided_at, len(candidates), version=version)
         due = list(closing.values()) + self.fuser.take_due(decided_at)
         now_known = self.cache.get_many(list({i.key[0] for i in due})) if due else {}  # decided elsewhere since?
         for item in due:

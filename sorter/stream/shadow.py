@@ -98,8 +98,13 @@ class Shadow:
         fraction: float = 1.0,
         max_queued_batches: int = 4,
         topic_prefix: str = "frames.",
+        stations: frozenset[str] | None = None,
+        on_compared: Callable[[str, RoutingCommand, RoutingCommand], None] | None = None,
     ) -> None:
+        """``stations``: only these stations' items (a canary's baseline; None: every station). ``on_compared``:
+        also told of each pair (the canary judges its candidate by them)."""
         self.pipeline, self.producer, self.topic, self.metrics = pipeline, producer, topic, metrics
+        self.stations, self.on_compared = stations, on_compared
         metrics.enable_shadow()
         self.fraction, self.topic_prefix = fraction, topic_prefix
         self.agreement = Agreement(self._compared)
@@ -119,7 +124,8 @@ class Shadow:
         """A batch whose live commands were delivered (``live``: its BatchResult). Never blocks, never raises."""
         try:
             frames = [r for r in raws if self._sampled(r)]
-            commands = [c for c in live.commands if c.reason not in NOT_DECIDED_BY_A_MODEL and self._in(c.item_id)]
+            commands = [c for c in live.commands if c.reason not in NOT_DECIDED_BY_A_MODEL and self._in(c.item_id)
+                        and (self.stations is None or c.station_id in self.stations)]  # fmt: skip
             if not frames and not commands:
                 return
             try:
@@ -142,7 +148,8 @@ class Shadow:
 
     def _sampled(self, raw: RawFrame) -> bool:
         try:
-            return self._in(parse_frame(raw, self.topic_prefix).item_id)
+            frame = parse_frame(raw, self.topic_prefix)
+            return self._in(frame.item_id) and (self.stations is None or frame.station_id in self.stations)
         except FrameError:
             return False  # the live side dead-lettered it
 
@@ -188,6 +195,8 @@ class Shadow:
         self.metrics.shadow_compared.labels(
             self.metrics.station(station), live.chute, agreement_of(live, candidate)
         ).inc()
+        if self.on_compared is not None:
+            self.on_compared(station, live, candidate)
 
     def close(self, timeout: float = 10.0) -> dict[str, Any]:
         """Finish what is queued (within ``timeout``), flush the topic; what it did, for the stop line."""

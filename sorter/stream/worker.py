@@ -606,6 +606,11 @@ class Worker:
                 self._failpoint("after_produce")  # delivered, neither remembered nor committed: a crash repeats it
             result.times.delivered = wall_ms()
             self.pipeline.cache.put_many(result.decisions)
+            if self.pipeline.canary is not None:
+                try:
+                    self.pipeline.canary.delivered(result.commands)
+                except Exception as exc:  # delivered already: nothing here may fail the batch
+                    log.error("canary.failed", error=f"{type(exc).__name__}: {str(exc)[:300]}")
             if self.shadow is not None:  # the candidate sees the batch once its live commands are out
                 self.shadow.offer(raws, result)
             return result

@@ -109,3 +109,58 @@ def test_shadow_decisions_on_their_own_topic_match_a_direct_replay_of_the_candid
     assert stopped["commands"] == n and stopped["skipped_frames"] == 0 and stopped["errors"] == 0
     report("shadow model vs a direct replay of the candidate", items=n, shadow_commands=len(shadow),
            same_as_direct_replay=n, chute_disagreements_with_live=differ)  # fmt: skip
+
+
+def test_a_canary_that_disagrees_with_the_live_model_rolls_back_by_itself(
+    settings_for, namespace, bootstrap, checkpoint, tmp_path
+):
+    """dock-2 is the canary: the candidate (two classes swapped) decides there, the live model decides the same
+    items on the side; once 20 compared items agree under 90% it rolls back, and the live model decides dock-2
+    again. dock-1 never sees the candidate; every item gets one command."""
+    candidate = _candidate(checkpoint, tmp_path / "candidate.pt")
+    canary = {"checkpoint": candidate, "stations": ["dock-2"], "window": 20}
+    settings = settings_for(canary=canary, shadow={"topic": f"{namespace}-shadow"},
+                            batch={"max_size": 8, "max_wait_ms": 5})  # fmt: skip
+    topics = {s: f"{settings.kafka.topic_prefix}{s}" for s in ("dock-1", "dock-2")}
+    ensure_topics(settings.kafka, dict.fromkeys(topics.values(), 1))
+    config = write_config(settings, tmp_path / "sorter.yaml")
+    log_path = tmp_path / "worker.log"
+    rng = np.random.default_rng(12)
+    designs = catalog(4)
+    photos = [render(designs[i % 4], rng, size=(160, 120)) for i in range(24)]
+    n = 90  # per station
+    with log_path.open("w") as out:
+        argv = [sys.executable, "-m", "sorter", "run", "--config", str(config), "--idle-exit", "4"]
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+        try:
+            deadline = time.monotonic() + 120
+            while not any(e["event"] == "worker.assigned" for e in _events(log_path)):
+                assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+                time.sleep(0.1)
+            p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0})
+            for i in range(n):  # steady traffic, 2 x 12.5 items/s
+                for station, topic in topics.items():
+                    item = f"{namespace}-{station}-{i}"
+                    headers = [("item-id", item.encode()), ("station-id", station.encode()),
+                               ("captured-at", str(time.time_ns() // 1_000_000).encode())]  # fmt: skip
+                    p.produce(topic, photos[i % len(photos)], item.encode(), headers=headers)
+                p.poll(0)
+                time.sleep(0.08)
+            p.flush(30)
+            assert proc.wait(120) == 0, log_path.read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    commands = [json.loads(m.value()) for m in consume_all(bootstrap, settings.kafka.commands_topic, expect=2 * n)]
+    assert Counter(c["item_id"] for c in commands) == Counter(f"{namespace}-{s}-{i}" for s in topics for i in range(n))
+    by_station = {s: [c["model_version"] for c in sorted(commands, key=lambda c: c["source"]["offset"])
+                      if c["station_id"] == s] for s in topics}  # fmt: skip
+    assert set(by_station["dock-1"]) == {"it-1"}
+    dock2 = by_station["dock-2"]
+    switch = dock2.index("it-1")
+    assert switch >= 20 and set(dock2[:switch]) == {"it-candidate"} and set(dock2[switch:]) == {"it-1"}
+    assert switch < n - 10  # rolled back while the line ran, and stayed back
+    rolled = [e for e in _events(log_path) if e["event"] == "canary.rolled_back"]
+    assert len(rolled) == 1 and "chute agreement" in rolled[0]["why"], rolled
+    report("canary rolled back by itself", items_per_station=n, canary_items_by_candidate=switch,
+           why=rolled[0]["why"])  # fmt: skip

@@ -1,0 +1,97 @@
+"""Canary (canary.py): a candidate decides at chosen stations, the live model decides their items on the side, and
+the canary rolls back by itself when its chute agreement or its review rate crosses the line (fakes; the real
+broker and checkpoints: tests/integration/test_shadow.py)."""
+
+from __future__ import annotations
+
+import json
+
+from structlog.testing import capture_logs
+
+from sorter.settings import load_settings
+from sorter.stream.cache import MemoryCache
+from sorter.stream.canary import Canary
+from sorter.stream.kafka import KafkaClients
+from sorter.stream.pipeline import Decoder, Pipeline
+from sorter.stream.shadow import Shadow, ShadowProducer
+from sorter.stream.worker import Worker
+from tests.fakes import NOW_MS, FakeCluster, FakeModel, photo
+from tests.test_shadow import ROUTES, Candidate
+
+
+class Agreeing(FakeModel):
+    model_version = "fake-2"
+
+
+class Unsure(FakeModel):
+    """Agrees on the class, but with too little confidence: everything to review."""
+
+    model_version = "fake-2"
+
+    def predict(self, images):
+        return [type(p)(p.index, p.label, p.sku, 0.2, log_probs=p.log_probs) for p in super().predict(images)]
+
+
+def _run(candidate, n: int = 120, **thresholds):
+    cluster = FakeCluster()
+    for station in ("dock-1", "dock-2"):
+        cluster.create(f"frames.{station}")
+    for i in range(n):
+        for station in ("dock-1", "dock-2"):
+            item = f"{station}-i{i}"
+            headers = [("item-id", item.encode()), ("captured-at", str(NOW_MS).encode())]
+            cluster.append(f"frames.{station}", photo(i % 3, 0.9), item.encode(), headers)
+    live = Pipeline(FakeModel(delay_s=0.005), ROUTES, MemoryCache(), Decoder(2, 10_000), worker_id="w")
+    s = load_settings(kafka={"bootstrap_servers": "fake:9092"}, batch={"max_size": 4, "max_wait_ms": 5},
+                      observe={"enabled": False}, worker_id="w", shutdown_deadline_s=5)  # fmt: skip
+    w = Worker(s, live, clients=KafkaClients(cluster.consumer, cluster.producer))
+    canary = Canary(candidate, {"dock-2"}, metrics=w.metrics, **({"window": 10, "min_agreement": 0.9,
+                    "max_review_rate": 0.5} | thresholds))  # fmt: skip
+    live.canary = canary
+    baseline = Pipeline(FakeModel(), ROUTES, MemoryCache(max_items=1000), Decoder(1, 10_000), worker_id="w")
+    w.shadow = Shadow(baseline, ShadowProducer(cluster.producer, {}, print), "sort.shadow", w.metrics,
+                      max_queued_batches=1000, stations=frozenset({"dock-2"}), on_compared=canary.compared)  # fmt: skip
+    w.consumer.schedule(("assign", [("frames.dock-1", 0), ("frames.dock-2", 0)]))
+    with capture_logs() as logs:
+        w.run(idle_exit_s=0.5)
+    commands = [json.loads(m.value()) for m in cluster.messages("sort.commands")]
+    assert sorted(c["item_id"] for c in commands) == sorted(f"{s}-i{i}" for i in range(n) for s in ("dock-1", "dock-2"))
+    at = {s: [c["model_version"] for c in sorted(commands, key=lambda c: c["source"]["offset"]) if c["station_id"] == s]
+          for s in ("dock-1", "dock-2")}  # fmt: skip
+    return w, at, [e for e in logs if e["event"].startswith("canary.")]
+
+
+def test_the_candidate_decides_at_its_stations_only_and_a_good_one_stays():
+    w, at, events = _run(Agreeing())
+    assert set(at["dock-1"]) == {"fake-1"} and set(at["dock-2"]) == {"fake-2"}
+    assert w.metrics.canary_rollbacks._value.get() == 0 and w.metrics.canary_active._value.get() == 1
+    assert not [e for e in events if e["event"] == "canary.rolled_back"]
+
+
+def test_a_candidate_that_disagrees_rolls_back_by_itself_and_the_live_model_decides_there_again():
+    w, at, events = _run(Candidate())  # says "can" for every "bottle": a third of the chutes differ
+    assert set(at["dock-1"]) == {"fake-1"}
+    dock2 = at["dock-2"]
+    switch = dock2.index("fake-1")
+    assert switch >= 10 and set(dock2[:switch]) == {"fake-2"} and set(dock2[switch:]) == {"fake-1"}  # once, for good
+    assert switch < len(dock2) - 20  # rolled back while the line ran
+    rolled = [e for e in events if e["event"] == "canary.rolled_back"]
+    assert len(rolled) == 1 and "chute agreement" in rolled[0]["why"]
+    assert w.metrics.canary_rollbacks._value.get() == 1 and w.metrics.canary_active._value.get() == 0
+
+
+def test_a_candidate_that_sends_too_much_to_review_rolls_back():
+    _, at, events = _run(Unsure(), min_agreement=0.0)
+    assert "fake-1" in at["dock-2"] and at["dock-2"][0] == "fake-2"
+    rolled = [e for e in events if e["event"] == "canary.rolled_back"]
+    assert len(rolled) == 1 and "review" in rolled[0]["why"]
+
+
+def test_canary_settings_need_a_checkpoint_and_stations():
+    import pytest
+
+    from sorter.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="both a checkpoint and its stations"):
+        load_settings(canary={"checkpoint": "/models/candidate.pt"})
+    assert load_settings(canary={"checkpoint": "/m.pt", "stations": ["dock-2"]}).canary.stations == ["dock-2"]
