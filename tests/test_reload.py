@@ -207,6 +207,7 @@ def test_a_file_replaced_while_the_worker_started_is_loaded_at_the_first_poll(tm
         (b'{"action": "load", "checkpoint": "/m.pt", "version": ""}', "version"),
         (b'{"action": "load", "checkpoint": "/m.pt", "force": true}', "force"),
         (None, "not JSON"),
+        (b'{"action": "load", "checkpoint": "/m.pt", "x": "' + b"y" * 100_000 + b'"}', "too large"),
     ],
 )
 def test_control_messages_are_requests_or_ignored_with_a_reason(value, why):
@@ -237,7 +238,7 @@ def test_a_control_request_is_served_only_if_the_file_holds_the_version_it_names
 def test_a_control_message_nested_too_deep_for_json_is_ignored_not_a_crash():
     from sorter.stream.control import parse
 
-    assert "not JSON" in parse(b"[" * 100_000)  # json.loads raises RecursionError
+    assert "not JSON" in parse(b"[" * 20_000)  # json.loads raises RecursionError
 
 
 def _load_request(version: str) -> bytes:
@@ -359,3 +360,84 @@ def test_a_rollback_published_while_the_new_model_loads_keeps_the_old_one():
     w.run(idle_exit_s=0.5)
     assert len(cluster.messages("sort.commands")) == 80
     assert {json.loads(m.value())["model_version"] for m in cluster.messages("sort.commands")} == {"v1"}
+
+
+def test_catching_up_one_partition_follows_its_order_not_the_publishers_clocks():
+    """v7 from a host whose clock runs 5 minutes fast, then the rollback to v6: a new pod serves v6, as the
+    running pods do (they act in arrival order)."""
+    from sorter.stream.control import ControlReader
+
+    cluster = FakeCluster()
+    cluster.create("sort.control")
+    cluster.append("sort.control", _load_request("v7"))._timestamp = NOW_MS + 300_000
+    cluster.append("sort.control", _load_request("v6"))._timestamp = NOW_MS + 60_000
+    reader = ControlReader(cluster.consumer({"enable.partition.eof": True}), "sort.control")
+    asked = [r.version for _ in range(10) if (r := reader.poll()) is not None]
+    assert asked == ["v6"]
+
+
+def test_the_same_request_again_while_it_loads_does_not_start_it_over():
+    """A model job that retries its publish faster than the load takes: the load still finishes and serves."""
+    loads = []
+
+    def load(p):
+        loads.append(p)
+        time.sleep(0.3)
+        return Versioned(p.stem)
+
+    reloader = Reloader(Path("/m/model.pt"), load, lambda m: None, poll_s=60, watch=False)
+    served, last, deadline = None, 0.0, time.monotonic() + 3.0
+    while time.monotonic() < deadline and served is None:
+        if time.monotonic() - last > 0.1:
+            reloader.request(Path("/m/v7.pt"), "v7")
+            last = time.monotonic()
+        reloader.poll()
+        served = reloader.take()
+        time.sleep(0.01)
+    assert served is not None and served.model.model_version == "v7" and len(loads) == 1
+
+
+def test_a_load_nobody_wants_any_more_is_not_counted_as_refused_when_it_fails():
+    import threading
+
+    refused, gate = [], threading.Event()
+
+    def load(p):
+        gate.wait(5)
+        raise RuntimeError("bad file")
+
+    reloader = Reloader(Path("/m/model.pt"), load, lambda m: None, poll_s=60, watch=False, on_refused=refused.append)
+    reloader.request(Path("/m/v7.pt"), "v7")
+    reloader.poll()
+    reloader.cancel()  # rolled back to what serves while v7 loaded
+    gate.set()
+    assert _wait(reloader, 0.3) is None and refused == []
+
+
+def test_a_broker_that_refuses_to_create_a_topic_stops_start_up_with_one_line(monkeypatch):
+    from concurrent.futures import Future
+
+    from confluent_kafka import KafkaError, KafkaException
+
+    import sorter.stream.kafka as kafka
+    from sorter.errors import SorterError
+
+    class Admin:
+        def __init__(self, conf):
+            pass
+
+        def list_topics(self, timeout=None):
+            return SimpleNamespace(topics={})
+
+        def create_topics(self, topics, operation_timeout=None):
+            out = {}
+            for t in topics:
+                f = Future()
+                f.set_exception(KafkaException(KafkaError(KafkaError.POLICY_VIOLATION, "retention.ms=-1 not allowed")))
+                out[t.topic] = f
+            return out
+
+    monkeypatch.setattr(kafka, "AdminClient", Admin)
+    s = load_settings(kafka={"bootstrap_servers": "x:9092"})
+    with pytest.raises(SorterError, match=r"sort\.control.*retention\.ms=-1 not allowed"):
+        kafka.ensure_topics(s.kafka, {"sort.control": 1}, configs={"sort.control": {"retention.ms": "-1"}})

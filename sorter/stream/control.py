@@ -10,8 +10,9 @@ Every pod must see every message, so the reader is in no consumer group: it assi
 the topic from the beginning and keeps no offsets. A pod that starts later therefore applies the latest
 ``load`` too (the one the fleet is on), not only those published while it ran: it reads the topic's history
 to its end (every partition's end-of-partition event, so the consumer needs ``enable.partition.eof``; Tansu's
-high watermarks are not exact) and acts on the newest request only, by publish time when the topic has
-several partitions (sorter creates it with one, kept forever). From then on each poll acts on the last
+high watermarks are not exact) and acts on the newest request only: the last of its partition (the order the
+running pods acted in, whatever the publishers' clocks say), and between partitions the latest by publish time
+(sorter creates the topic with one partition, kept forever). From then on each poll acts on the last
 request that arrived. A message that is not valid JSON, names another action or misses a
 field is ignored with one line (``control.ignored``), never a crash.
 """
@@ -30,6 +31,7 @@ from sorter.logs import get_logger
 
 log = get_logger("sorter.control")
 
+MAX_MESSAGE_BYTES = 64_000  # a load request is a few hundred bytes: anything far larger is not parsed
 CATCH_UP_S = 30.0  # a history that cannot be read to its end in this long is acted on as far as it was read
 
 
@@ -43,6 +45,8 @@ class LoadRequest(BaseModel):
 
 def parse(value: bytes | None) -> LoadRequest | str:
     """A control message -> the request, or why it is ignored."""
+    if value is not None and len(value) > MAX_MESSAGE_BYTES:
+        return f"too large for a control message: {len(value)} bytes (at most {MAX_MESSAGE_BYTES})"
     try:
         document = json.loads(value or b"")
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError; nested too deep
@@ -76,14 +80,14 @@ class ControlReader:
             log.warning("control.partitions", topic=topic, partitions=len(partitions), why=why)
         self._behind = set(partitions)  # history still to read: no end-of-partition event yet
         self._since = time.monotonic()
-        self._newest: tuple[int, LoadRequest] | None = None  # while catching up: (publish time, request)
+        self._newest: dict[int, tuple[int, LoadRequest]] = {}  # while catching up: partition -> its last request
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
 
     def poll(self) -> LoadRequest | None:
         """The request to act on, if one arrived since the last call (never waits): while the history is read,
         nothing until its end, then its newest request; afterwards the last that arrived."""
         latest = None
-        for m in self.consumer.consume(100, 0):
+        for m in self.consumer.consume(1000 if self._behind else 100, 0):  # the history: in large reads
             error = m.error()
             if error is not None:
                 if error.code() == KafkaError._PARTITION_EOF:
@@ -94,10 +98,8 @@ class ControlReader:
             request = parse(m.value())
             if isinstance(request, str):
                 log.warning("control.ignored", why=request[:300], partition=m.partition(), offset=m.offset())
-            elif self._behind:
-                at = m.timestamp()[1]
-                if self._newest is None or at >= self._newest[0]:
-                    self._newest = (at, request)
+            elif self._behind:  # a partition's order is the publishers' order: its last request wins there
+                self._newest[m.partition()] = (m.timestamp()[1], request)
             else:
                 latest = request
         if self._behind:
@@ -105,8 +107,9 @@ class ControlReader:
                 return None
             log.warning("control.history_unread", topic=self.topic, partitions=sorted(self._behind))
             self._behind = set()
-        if self._newest is not None:
-            newest, self._newest = self._newest[1], None
+        if self._newest:  # between partitions only, the publish time says which came last
+            newest = max(self._newest.values(), key=lambda tr: tr[0])[1]
+            self._newest = {}
             return latest or newest
         return latest
 

@@ -233,6 +233,10 @@ def ensure_topics(
         try:
             future.result(timeout)
         except KafkaException as exc:
-            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise
+            if exc.args[0].code() == KafkaError.TOPIC_ALREADY_EXISTS:
+                continue
+            raise SorterError(
+                f"the broker at {s.bootstrap_servers} refused to create topic {name} ({exc.args[0].str()}): "
+                "create it yourself, or give sorter's principal the right to"
+            ) from None
         log.info("kafka.topic_created", topic=name)

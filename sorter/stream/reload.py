@@ -74,20 +74,26 @@ class Reloader:
         self._ready: Loaded | None = None
         self._requested: tuple[Path, str | None] | None = None  # from the control topic, not started yet
         self._generation = 0  # bumped by each request: a load started before it is never served
+        self._asked: tuple[Path, str | None] | None = None  # the request loading or loaded, not yet taken
         self._lock = threading.Lock()
 
-    def request(self, path: Path, version: str | None) -> None:
+    def request(self, path: Path, version: str | None) -> bool:
         """Load ``path`` (the control topic's ``load``), served only if its model is ``version`` (when given).
         It supersedes every earlier request and load: one not started is replaced, one loading or loaded but
-        not taken yet is dropped when done (the newest request is what serves, a rollback included)."""
+        not taken yet is dropped when done (the newest request is what serves, a rollback included). The same
+        request again while it is asked for, loading or loaded (a publisher's retry) changes nothing: False."""
+        with self._lock:
+            if (path, version) in (self._requested, self._asked):
+                return False
         self.cancel()
         self._requested = (path, version)
+        return True
 
     def cancel(self) -> None:
         """Drop every load asked for or under way (a rollback to the model serving: nothing to load)."""
         with self._lock:
             self._generation += 1
-            self._requested, self._ready = None, None
+            self._requested, self._ready, self._asked = None, None, None
 
     def poll(self) -> None:
         """Cheap; call it from the loop as often as convenient: a stat every ``poll_s``, a load on a change
@@ -96,7 +102,9 @@ class Reloader:
         if self._loading is not None and self._loading.is_alive():
             return
         if self._requested is not None:
-            (path, version), self._requested = self._requested, None
+            with self._lock:
+                (path, version), self._requested = self._requested, None
+                self._asked = (path, version)
             self._start(None, path, version)
             return
         if not self.watch or now - self._polled < self.poll_s:
@@ -129,10 +137,10 @@ class Reloader:
             self.check(model)
             model.predict([np.zeros((model.input_size, model.input_size, 3), np.uint8)])  # warm-up
         except SorterError as exc:
-            self._refuse(path, str(exc))
+            self._refuse(path, str(exc), generation)
             return
         except Exception as exc:  # a surprise from torch/OpenVINO on a bad file: refused, never a crash
-            self._refuse(path, f"{type(exc).__name__}: {exc}")
+            self._refuse(path, f"{type(exc).__name__}: {exc}", generation)
             return
         if watched is not None and signature(self.path) != watched:  # replaced again meanwhile: load that one
             self._seen = None
@@ -143,7 +151,13 @@ class Reloader:
                 return
             self._ready = Loaded(model, path, time.perf_counter() - started)
 
-    def _refuse(self, path: Path, why: str) -> None:
+    def _refuse(self, path: Path, why: str, generation: int) -> None:
+        with self._lock:
+            if generation != self._generation:  # nobody wants it any more (a rollback while it loaded)
+                log.info("model.reload_superseded", path=str(path), failed=why[:300])
+                return
+            if self._asked is not None and self._asked[0] == path:
+                self._asked = None  # refused: asking for it again tries again
         log.error("model.reload_refused", path=str(path), error=why[:500], serving="the previous model")
         if self.on_refused is not None:
             self.on_refused(why)
@@ -152,4 +166,6 @@ class Reloader:
         """The model loaded since the last call, if any (then it is the caller's to serve)."""
         with self._lock:
             ready, self._ready = self._ready, None
+            if ready is not None:
+                self._asked = None
         return ready

@@ -517,13 +517,24 @@ class Worker:
             return
         request = self._control_request()
         if request is not None:
-            self._new_model = None  # loaded but not served yet: the newest request wins, a rollback included
-            if request.version is not None and request.version == self._serving_version:
+            pending = self._new_model
+            if (
+                pending is not None
+                and pending.path == request.checkpoint
+                and request.version
+                in (
+                    None,
+                    pending.model.model_version,
+                )
+            ):
+                pass  # the same request again (a publisher's retry): it serves from the next batch
+            elif request.version is not None and request.version == self._serving_version:
+                self._new_model = None  # loaded but not served yet: the newest request wins, a rollback included
                 log.info("control.already_serving", version=request.version, checkpoint=str(request.checkpoint))
                 self.reloader.cancel()  # a load another request started is dropped
-            else:
+            elif self.reloader.request(request.checkpoint, request.version):
+                self._new_model = None
                 log.info("control.load", version=request.version, checkpoint=str(request.checkpoint))
-                self.reloader.request(request.checkpoint, request.version)
         self.reloader.poll()
         loaded = self.reloader.take()
         if loaded is not None:
