@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from sorter.errors import ConfigError
 from sorter.limits import default_decode_threads
@@ -298,6 +298,11 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         raise ConfigError(
             f"invalid settings ({problems}). Environment variables are SORTER_<SECTION>__<FIELD>."
         ) from exc
+    except SettingsError as exc:  # a list or a section in the environment that is not JSON
+        raise ConfigError(
+            f"invalid settings ({exc}): a list or a section in the environment is JSON, e.g. "
+            """SORTER_CANARY__STATIONS='["dock-2"]'"""
+        ) from None
 
 
 def _secrets_revealed(data: Any) -> Any:

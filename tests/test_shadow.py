@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import pytest
 
@@ -162,3 +163,73 @@ def test_the_shadow_series_are_exported_only_with_a_shadow_model():
     assert names(w.metrics) == {"sorter_shadow_compared", "sorter_shadow_commands", "sorter_shadow_batch_seconds",
                                 "sorter_shadow_skipped_frames", "sorter_shadow_errors"}  # fmt: skip
     w.shadow.close(timeout=1)
+
+
+def test_frames_the_live_side_sent_to_the_late_chute_are_not_given_to_the_candidate():
+    """A backlog: the live side recirculates its late items without a model; the candidate must not decide them
+    (its chute would be compared against 'late', and wait unpaired forever)."""
+    routes = RoutingTable(default_chute="C-99", review_chute="R", min_confidence=0.5, decision_deadline_ms=800,
+                          late_chute="RECIRC", routes={"box": "C-1", "bottle": "C-2", "can": "C-3"})  # fmt: skip
+    cluster = FakeCluster()
+    cluster.create("frames.dock-1")
+    now = time.time_ns() // 1_000_000
+    for i in range(20):  # the first 10 captured 5 s ago (late), the rest just now
+        at = now - 5000 if i < 10 else now
+        headers = [("item-id", f"i{i}".encode()), ("captured-at", str(at).encode())]
+        cluster.append("frames.dock-1", photo(i % 3, 0.9), f"i{i}".encode(), headers)
+    live = Pipeline(FakeModel(), routes, MemoryCache(), Decoder(2, 10_000), worker_id="w")
+    s = load_settings(kafka={"bootstrap_servers": "fake:9092"}, batch={"max_size": 4, "max_wait_ms": 5},
+                      observe={"enabled": False}, worker_id="w", shutdown_deadline_s=5)  # fmt: skip
+    w = Worker(s, live, clients=KafkaClients(cluster.consumer, cluster.producer))
+    side = Pipeline(FakeModel(), routes, MemoryCache(max_items=1000), Decoder(1, 10_000), worker_id="w")
+    side.judge_late = False
+    w.shadow = Shadow(side, ShadowProducer(cluster.producer, {}, print), "sort.shadow", w.metrics,
+                      max_queued_batches=100)  # fmt: skip
+    w.consumer.schedule(("assign", [("frames.dock-1", 0)]))
+    w.run(idle_exit_s=0.5)
+    live_reasons = {json.loads(m.value())["item_id"]: json.loads(m.value())["reason"]
+                    for m in cluster.messages("sort.commands")}  # fmt: skip
+    shadowed = {json.loads(m.value())["item_id"] for m in cluster.messages("sort.shadow")}
+    assert sum(r == "late" for r in live_reasons.values()) == 10
+    assert shadowed == {i for i, r in live_reasons.items() if r != "late"}
+    assert not w.shadow.agreement._waiting["candidate"] and not w.shadow.agreement._waiting["live"]
+
+
+def test_a_revocation_is_applied_after_the_batches_offered_before_it():
+    """Views of a partition offered before its revocation join the candidate's open items and are then forgotten
+    (the new owner shadows them): this pod's candidate never decides them."""
+    from sorter.stream.contracts import RawFrame, Source
+    from sorter.stream.fusion import Fusion
+    from sorter.stream.observe import Metrics
+    from sorter.stream.pipeline import BatchResult
+
+    routes = RoutingTable(default_chute="C-99", review_chute="R", min_confidence=0.5, routes=ROUTES.routes,
+                          fusion=Fusion(window_ms=300, views=2))  # fmt: skip
+    gate = threading.Event()
+    cluster = FakeCluster()
+    side = Pipeline(Candidate(gate=gate), routes, MemoryCache(max_items=1000), Decoder(1, 10_000), worker_id="w")
+    side.judge_late = False
+    shadow = Shadow(side, ShadowProducer(cluster.producer, {}, print), "sort.shadow", Metrics())
+
+    def raw(item, partition, offset):
+        headers = (("item-id", item.encode()), ("camera-id", b"c1"), ("captured-at", str(NOW_MS).encode()))
+        return RawFrame(Source("frames.dock-1", partition, offset), item.encode(), photo(0, 0.9), headers)
+
+    shadow.offer([raw("busy", 1, 0)], BatchResult())  # the candidate is busy with an earlier batch
+    time.sleep(0.1)
+    shadow.offer([raw("x", 0, 5)], BatchResult())  # a view of x, offered before its partition is revoked
+    shadow.forget({("frames.dock-1", 0)})
+    gate.set()
+    time.sleep(0.8)  # x's window (300 ms) has long closed
+    shadow.close(1)
+    assert "x" not in {json.loads(m.value())["item_id"] for m in cluster.messages("sort.shadow")}
+
+
+@pytest.mark.parametrize("topic", ["sort.commands", "frames.dlq", "frames.shadow", "sort.control"])
+def test_a_shadow_topic_that_is_another_of_sorters_topics_stops_start_up_with_one_line(topic):
+    from sorter.errors import ConfigError
+    from sorter.stream.app import check_shadow_topic
+
+    with pytest.raises(ConfigError, match=r"shadow\.topic"):
+        check_shadow_topic(load_settings(shadow={"checkpoint": "/m.pt", "topic": topic}))
+    check_shadow_topic(load_settings(shadow={"checkpoint": "/m.pt"}))  # sort.shadow: fine

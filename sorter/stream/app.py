@@ -145,7 +145,13 @@ def _build_worker(settings: Settings, *, create_topics: bool = True, **kwargs) -
             "shadow.checkpoint and canary.checkpoint are both set: a canary's shadow is the live model (its "
             "baseline); run one of them at a time"
         )
+    for read, path in ((candidate, settings.shadow.checkpoint), (canary, settings.canary.checkpoint)):
+        if read is not None:  # checked as the live model is, before the broker wait and the model loads
+            check_shadow_topic(settings)
+            check_routes(checked.routes, read.meta.classes, read.meta.skus, strict=settings.strict_routes)
+            check_int8(read, path, settings.model.precision)
     wait_for_broker(settings.kafka, settings.kafka.startup_timeout_s)
+    live = checked.checkpoint if canary is not None else None  # a canary's baseline: the very bytes that serve
     pipeline = build_pipeline(settings, checked)
     del checked
     memory = check_memory(settings)  # with the model loaded: what is left must hold the frames in flight
@@ -164,7 +170,8 @@ def _build_worker(settings: Settings, *, create_topics: bool = True, **kwargs) -
     if candidate is not None:
         worker.shadow = build_shadow(settings, pipeline, candidate, worker.metrics, clients)
     if canary is not None:
-        worker.shadow = build_canary(settings, pipeline, canary, worker.metrics, clients)
+        worker.shadow = build_canary(settings, pipeline, canary, live, worker.metrics, clients)
+        del live
     if settings.model.reload_poll_s > 0 or k.control_topic:
         worker.reloader = build_reloader(settings, pipeline, worker.metrics, serving)
     if k.control_topic:
@@ -186,9 +193,12 @@ def build_shadow(settings: Settings, pipeline: Pipeline, read: Checkpoint, metri
     return _on_the_side(settings, pipeline, model, metrics, clients, fraction=settings.shadow.fraction)
 
 
-def build_canary(settings: Settings, pipeline: Pipeline, read: Checkpoint, metrics, clients: KafkaClients) -> Shadow:
-    """A candidate deciding at ``canary.stations`` (canary.py), and the live model's second copy deciding their
-    items on the side (its baseline): that shadow is returned, the canary set on the pipeline."""
+def build_canary(
+    settings: Settings, pipeline: Pipeline, read: Checkpoint, live: Checkpoint, metrics, clients: KafkaClients
+) -> Shadow:
+    """A candidate deciding at ``canary.stations`` (canary.py), and the live model's second copy (built from
+    ``live``, the checkpoint the live model was built from) deciding their items on the side (its baseline):
+    that shadow is returned, the canary set on the pipeline."""
     c = settings.canary
     model = _candidate(settings, pipeline, c.checkpoint, read)
     if model.input_size != pipeline.model.input_size:
@@ -196,7 +206,12 @@ def build_canary(settings: Settings, pipeline: Pipeline, read: Checkpoint, metri
             f"canary.checkpoint {c.checkpoint} takes {model.input_size} px photos and the live model "
             f"{pipeline.model.input_size} px: a canary needs the live model's input size (a frame is decoded once)"
         )
-    baseline = _candidate(settings, pipeline, settings.model.checkpoint, read_checkpoint(settings.model.checkpoint))
+    if model.model_version == pipeline.model.model_version:
+        raise ConfigError(
+            f"canary.checkpoint {c.checkpoint} holds the live model's version {model.model_version}: a canary "
+            "must be another model (its decisions are told apart by their model_version)"
+        )
+    baseline = _candidate(settings, pipeline, settings.model.checkpoint, live)
     canary = Canary(model, c.stations, window=c.window, min_agreement=c.min_agreement,
                     max_review_rate=c.max_review_rate, metrics=metrics)  # fmt: skip
     pipeline.canary = canary
@@ -204,10 +219,21 @@ def build_canary(settings: Settings, pipeline: Pipeline, read: Checkpoint, metri
                         on_compared=canary.compared)  # fmt: skip
 
 
+def check_shadow_topic(settings: Settings) -> None:
+    """The shadow topic must be none of sorter's other topics, nor one the frames pattern reads."""
+    import re
+
+    k, topic = settings.kafka, settings.shadow.topic
+    clash = {k.commands_topic: "the commands topic (actuators obey it)", k.dlq_topic: "the dead-letter topic",
+             k.control_topic: "the control topic"}.get(topic)  # fmt: skip
+    if clash is None and re.search(k.frames_pattern, topic):
+        clash = f"a frames topic (it matches kafka.frames_pattern {k.frames_pattern}: the worker would read it)"
+    if clash is not None:
+        raise ConfigError(f"shadow.topic {topic} is {clash}: set SORTER_SHADOW__TOPIC to a topic of its own")
+
+
 def _candidate(settings: Settings, pipeline: Pipeline, path, read: Checkpoint) -> Classifier:
     m = settings.model
-    check_routes(pipeline.routes, read.meta.classes, read.meta.skus, strict=settings.strict_routes)
-    check_int8(read, path, m.precision)
     return Classifier(path, device=m.device, precision=m.precision, compile=m.compile,
                       max_batch=settings.batch.max_size, read=read)  # fmt: skip
 
@@ -219,7 +245,7 @@ def _on_the_side(settings: Settings, pipeline: Pipeline, model, metrics, clients
     side = Pipeline(
         model,
         pipeline.routes,
-        MemoryCache(max_items=100_000),  # never the live cache: decisions on the side are not orders
+        MemoryCache(max_items=50_000),  # never the live cache: decisions on the side are not orders
         Decoder(max(1, b.decode_threads // 2), b.max_pixels),
         worker_id=settings.worker_id,
         topic_prefix=k.topic_prefix,

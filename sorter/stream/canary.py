@@ -63,8 +63,8 @@ class Canary:
 
     def compared(self, station: str, decided, baseline) -> None:
         """An item decided at a canary station and by the baseline on the side (the shadow thread)."""
-        if decided.model_version != self.model.model_version:
-            return  # decided by the live model (after a rollback, or a cached decision of it)
+        if decided.model_version != self.model.model_version or decided.cached:
+            return  # decided by the live model, or reused from the cache (as delivered() counts)
         with self._lock:
             self._agreed.append(decided.chute == baseline.chute)
             self._judge()

@@ -111,10 +111,13 @@ class Fuser:
                 del self._open[item.key]
         return sorted(due, key=lambda i: i.opened_ms)
 
-    def take_all(self) -> list[OpenItem]:
-        """Every open item, removed, oldest first (the model is being replaced: they are decided now)."""
+    def take_all(self, stations: frozenset[str] | None = None) -> list[OpenItem]:
+        """Every open item (of ``stations``, when given), removed, oldest first (the model that classified
+        their views is being replaced there: they are decided now)."""
         with self._lock:
-            items, self._open = list(self._open.values()), {}
+            items = [i for i in self._open.values() if stations is None or i.key[1] in stations]
+            for item in items:
+                del self._open[item.key]
         return sorted(items, key=lambda i: i.opened_ms)
 
     def reopen(self, items: list[OpenItem]) -> None:

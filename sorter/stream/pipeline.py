@@ -153,6 +153,7 @@ class Pipeline:
         )
         self.fuser = Fuser()  # items waiting for more of their views (fusion.py)
         self.canary = None  # a Canary (canary.py): a candidate deciding at chosen stations; app.py sets it
+        self._canary_stations: frozenset[str] | None = None  # where the candidate decided the last batch
         self._next_model: Model | None = None  # a reloaded model, served from the next batch (reload.py)
 
     def close(self, wait: bool = True) -> None:
@@ -195,9 +196,18 @@ class Pipeline:
             self.model, self._next_model = self._next_model, None
         result.model_version = self.model.model_version
         canary = self.canary.serving() if self.canary is not None else None  # once: a batch never switches
+        if self._canary_stations is not None and canary is None:  # rolled back: decide its open items now
+            closing |= {i.key: i for i in self.fuser.take_all(self._canary_stations)}
+        self._canary_stations = canary[1] if canary is not None else None
 
         def model_for(station_id: str) -> Model:
             return canary[0] if canary is not None and station_id in canary[1] else self.model
+
+        def reusable(cached: dict, station_id: str) -> bool:
+            """A canary candidate's decision is reused only where (and while) the candidate decides."""
+            if self.canary is None or cached.get("model_version") != self.canary.model.model_version:
+                return True
+            return model_for(station_id) is self.canary.model
 
         position = {id(raw): i for i, raw in enumerate(raws)}
         frames: list[Frame] = []
@@ -232,7 +242,7 @@ class Pipeline:
                 overdue[(f.item_id, f.station_id)].append(f)
                 verdicts.setdefault((f.item_id, f.station_id), verdict)
                 result.late.append(f)
-            elif cached is not None and _prediction(cached):
+            elif cached is not None and _prediction(cached) and reusable(cached, f.station_id):
                 result.hits.append(CacheHit(f, cached.get("decided_at"), True))
                 again[(f.item_id, f.station_id)].append(f)
             else:  # never decided, or only sent to a late chute before: classify

@@ -107,9 +107,10 @@ class Shadow:
         self.stations, self.on_compared = stations, on_compared
         metrics.enable_shadow()
         self.fraction, self.topic_prefix = fraction, topic_prefix
-        self.agreement = Agreement(self._compared)
+        self.agreement = Agreement(self._compared, limit=10_000)
         self._queue: queue.Queue = queue.Queue(maxsize=max_queued_batches)
-        self._forget: list = []
+        self._forget: list[tuple[int, list]] = []  # (batches offered before it, revoked partitions)
+        self._offered = self._done = 0  # batches queued so far; batches finished so far (queue order)
         self._lock = threading.Lock()
         self.batches = self.commands = self.skipped_frames = self.errors = 0
         context = contextvars.copy_context()  # its lines carry the worker's id, as every line does
@@ -121,27 +122,37 @@ class Shadow:
         return self.pipeline.model.model_version
 
     def offer(self, raws: Sequence[RawFrame], live) -> None:
-        """A batch whose live commands were delivered (``live``: its BatchResult). Never blocks, never raises."""
+        """A batch whose live commands were delivered (``live``: its BatchResult). Never blocks, never raises.
+        Frames the live side sent to the late chute stay out: no model decided them live, nothing to compare."""
         try:
-            frames = [r for r in raws if self._sampled(r)]
+            late = {f.raw.source for f in live.late}
+            frames = [r for r in raws if r.source not in late and self._sampled(r)]
             commands = [c for c in live.commands if c.reason not in NOT_DECIDED_BY_A_MODEL and self._in(c.item_id)
                         and (self.stations is None or c.station_id in self.stations)]  # fmt: skip
             if not frames and not commands:
                 return
-            try:
-                self._queue.put_nowait((frames, commands))
-            except queue.Full:
-                self.skipped_frames += len(frames)
-                self.metrics.shadow_skipped.inc(len(frames))
+            with self._lock:
+                try:
+                    self._queue.put_nowait((self._offered, frames, commands))
+                    self._offered += 1
+                except queue.Full:
+                    self.skipped_frames += len(frames)
+                    self.metrics.shadow_skipped.inc(len(frames))
         except Exception as exc:  # the live batch is delivered: nothing here may fail it
-            self.errors += 1
-            self.metrics.shadow_errors.inc()
-            log.error("shadow.offer_failed", error=f"{type(exc).__name__}: {str(exc)[:300]}")
+            self._failed("shadow.offer_failed", exc)
 
     def forget(self, partitions) -> None:
-        """Revoked partitions: their open views go (their new owner shadows them)."""
+        """Revoked partitions: their open views go (their new owner shadows them), once the batches offered
+        before the revocation are done (their views joined first), before any offered after it."""
         with self._lock:
-            self._forget.append(list(partitions))
+            self._forget.append((self._offered, list(partitions)))
+
+    def _forget_due(self) -> None:
+        with self._lock:
+            due = [p for seq, p in self._forget if seq <= self._done]
+            self._forget = [(seq, p) for seq, p in self._forget if seq > self._done]
+        for partitions in due:
+            self.pipeline.forget(partitions)
 
     def _in(self, item_id: str) -> bool:
         return sampled(item_id, self.fraction)
@@ -156,21 +167,22 @@ class Shadow:
     def _loop(self) -> None:
         lowest_priority()
         while True:
-            due = self.pipeline.fusion_due_in_ms()
             try:
-                job = self._queue.get(timeout=None if due is None else max(due, 1) / 1000)
-            except queue.Empty:
-                job = ([], [])  # an open multi-camera item's window closed: an empty batch decides it
-            if job is None:
-                return
-            self._batch(*job)
+                due = self.pipeline.fusion_due_in_ms()
+                try:
+                    job = self._queue.get(timeout=None if due is None else max(due, 1) / 1000)
+                except queue.Empty:
+                    job = (None, [], [])  # an open multi-camera item's window closed: an empty batch decides it
+                if job is None:
+                    return
+                self._batch(*job)
+            except Exception as exc:  # never a dead thread that silently skips every later batch
+                self._failed("shadow.batch_failed", exc)
+                time.sleep(0.1)
 
-    def _batch(self, frames: list[RawFrame], live: list[RoutingCommand]) -> None:
-        with self._lock:
-            forget, self._forget = self._forget, []
+    def _batch(self, seq: int | None, frames: list[RawFrame], live: list[RoutingCommand]) -> None:
+        self._forget_due()
         try:
-            for partitions in forget:
-                self.pipeline.forget(partitions)
             for command in live:
                 self.agreement.add("live", command)
             started = time.perf_counter()
@@ -187,9 +199,18 @@ class Shadow:
             self.producer.poll()
             self.batches += 1
         except Exception as exc:  # the candidate or its topic: counted and said, never the live path's problem
+            self._failed("shadow.batch_failed", exc, frames=len(frames))
+        finally:
+            if seq is not None:
+                with self._lock:
+                    self._done = seq + 1
+                self._forget_due()
+
+    def _failed(self, event: str, exc: Exception, **fields) -> None:
+        with self._lock:
             self.errors += 1
-            self.metrics.shadow_errors.inc()
-            log.error("shadow.batch_failed", error=f"{type(exc).__name__}: {str(exc)[:300]}", frames=len(frames))
+        self.metrics.shadow_errors.inc()
+        log.error(event, error=f"{type(exc).__name__}: {str(exc)[:300]}", **fields)
 
     def _compared(self, station: str, live: RoutingCommand, candidate: RoutingCommand) -> None:
         self.metrics.shadow_compared.labels(

@@ -567,6 +567,10 @@ class Worker:
         self.metrics.set_model(loaded.model)
         self.metrics.reloads.labels("loaded").inc()
         log.info("model.reloaded", previous=old, path=str(loaded.path), load_s=round(loaded.load_s, 1))
+        if self.pipeline.canary is not None and self.pipeline.canary.active:
+            log.warning("canary.baseline_stale", baseline=old, serving=loaded.model.model_version,
+                        why="the canary is judged against the model the pod started with: restart to judge it "
+                        "against the new one")  # fmt: skip
         return loaded.model
 
     def _got(self, tp: tuple[str, int]) -> None:

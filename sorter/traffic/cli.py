@@ -313,6 +313,9 @@ def diff(
         console.print(table)
     if as_json:
         print_json(s)
+    if fail_under is not None and not d.common:
+        err_console.print("no item in common to compare: --fail-under cannot pass on nothing", soft_wrap=True)
+        raise typer.Exit(1)
     if fail_under is not None and d.chute_agreement < fail_under:
         why = f"chute agreement {100 * d.chute_agreement:.2f}% is below --fail-under {100 * fail_under:.2f}%"
         err_console.print(why, soft_wrap=True)

@@ -46,6 +46,7 @@ def test_shadow_decisions_on_their_own_topic_match_a_direct_replay_of_the_candid
 ):
     candidate = _candidate(checkpoint, tmp_path / "candidate.pt")
     settings = settings_for(shadow={"checkpoint": candidate, "topic": f"{namespace}-shadow"},
+                            model={"precision": "fp32"},  # bf16 results depend on the batch's size
                             batch={"max_size": 8, "max_wait_ms": 5})  # fmt: skip
     topic = f"{settings.kafka.topic_prefix}dock-1"
     ensure_topics(settings.kafka, {topic: 1})
@@ -89,7 +90,8 @@ def test_shadow_decisions_on_their_own_topic_match_a_direct_replay_of_the_candid
     replayed = tmp_path / "candidate.jsonl"
     argv = [sys.executable, "-m", "sorter", "replay", str(recording), "--direct", "--checkpoint", str(candidate),
             "--routes", str(routes), "--out", str(replayed)]  # fmt: skip
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=os.environ | {"SORTER_CONFIG": ""})
+    env = os.environ | {"SORTER_CONFIG": "", "SORTER_MODEL__PRECISION": "fp32", "SORTER_MODEL__DEVICE": "cpu"}
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     direct = {c["item_id"]: c for c in map(json.loads, replayed.read_text().splitlines())}
     assert len(direct) == n
