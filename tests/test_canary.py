@@ -159,3 +159,14 @@ def test_a_station_list_written_as_plain_text_stops_with_one_line(monkeypatch):
     monkeypatch.setenv("SORTER_CANARY__CHECKPOINT", "/models/candidate.pt")
     with pytest.raises(ConfigError, match=r"SORTER_CANARY__STATIONS='\[\"dock-2\"\]'"):
         load_settings()
+
+
+def test_a_live_model_promoted_to_the_canarys_version_keeps_reusing_its_decisions():
+    """Promotion (the live model reloaded to the candidate's version, the canary settings still on): the live
+    model's cached decisions are reused at later stations as before."""
+    p = _pipeline()
+    promoted = Candidate()  # version fake-2, as the canary's
+    p.swap(promoted)
+    assert _commands(p, _raw("A", "dock-1", 0, NOW_MS)) == [("A", "dock-1", "C-3", "fake-2", False)]
+    assert _commands(p, _raw("A", "dock-3", 0, NOW_MS + 10_000)) == [("A", "dock-3", "C-3", "fake-2", True)]
+    p.close()

@@ -233,3 +233,32 @@ def test_a_shadow_topic_that_is_another_of_sorters_topics_stops_start_up_with_on
     with pytest.raises(ConfigError, match=r"shadow\.topic"):
         check_shadow_topic(load_settings(shadow={"checkpoint": "/m.pt", "topic": topic}))
     check_shadow_topic(load_settings(shadow={"checkpoint": "/m.pt"}))  # sort.shadow: fine
+
+
+def test_a_later_view_of_a_pass_the_live_side_sent_to_the_late_chute_is_not_given_to_the_candidate():
+    from sorter.stream.contracts import RawFrame, Source
+    from sorter.stream.observe import Metrics
+
+    routes = RoutingTable(default_chute="C-99", review_chute="R", min_confidence=0.5, decision_deadline_ms=800,
+                          late_chute="RECIRC", routes=ROUTES.routes)  # fmt: skip
+    now = time.time_ns() // 1_000_000
+
+    def raw(offset, at):
+        return RawFrame(Source("frames.dock-1", 0, offset), b"X", photo(1, 0.9),
+                        (("item-id", b"X"), ("captured-at", str(at).encode())))  # fmt: skip
+
+    live = Pipeline(FakeModel(), routes, MemoryCache(), Decoder(1, 10_000), worker_id="w")
+    side = Pipeline(FakeModel(), routes, MemoryCache(max_items=1000), Decoder(1, 10_000), worker_id="w")
+    side.judge_late = False
+    cluster = FakeCluster()
+    shadow = Shadow(side, ShadowProducer(cluster.producer, {}, print), "sort.shadow", Metrics())
+    commands = []
+    for batch in ([raw(0, now - 5000)], [raw(1, now - 4990)]):  # two views of one late pass, one batch each
+        result = live.process(batch)
+        live.cache.put_many(result.decisions)
+        commands += [(c.item_id, c.reason) for c in result.commands]
+        shadow.offer(batch, result)
+    time.sleep(0.5)
+    shadow.close(1)
+    assert commands == [("X", "late")] and cluster.messages("sort.shadow") == []
+    live.close()

@@ -205,8 +205,9 @@ class Pipeline:
 
         def reusable(cached: dict, station_id: str) -> bool:
             """A canary candidate's decision is reused only where (and while) the candidate decides."""
-            if self.canary is None or cached.get("model_version") != self.canary.model.model_version:
-                return True
+            version = cached.get("model_version")
+            if self.canary is None or version != self.canary.model.model_version or version == self.model.model_version:
+                return True  # not the candidate's (or the live model is that version now: promoted)
             return model_for(station_id) is self.canary.model
 
         position = {id(raw): i for i, raw in enumerate(raws)}

@@ -111,6 +111,7 @@ class Shadow:
         self._queue: queue.Queue = queue.Queue(maxsize=max_queued_batches)
         self._forget: list[tuple[int, list]] = []  # (batches offered before it, revoked partitions)
         self._offered = self._done = 0  # batches queued so far; batches finished so far (queue order)
+        self._late_passes: OrderedDict[tuple[str, str], int | None] = OrderedDict()  # (item, station) -> captured
         self._lock = threading.Lock()
         self.batches = self.commands = self.skipped_frames = self.errors = 0
         context = contextvars.copy_context()  # its lines carry the worker's id, as every line does
@@ -126,6 +127,11 @@ class Shadow:
         Frames the live side sent to the late chute stay out: no model decided them live, nothing to compare."""
         try:
             late = {f.raw.source for f in live.late}
+            for f in live.late:  # the pass is recirculated: its later views (hits live) stay out too
+                self._late_passes[(f.item_id, f.station_id)] = f.captured_at_ms
+                self._late_passes.move_to_end((f.item_id, f.station_id))
+            while len(self._late_passes) > 10_000:
+                self._late_passes.popitem(last=False)
             frames = [r for r in raws if r.source not in late and self._sampled(r)]
             commands = [c for c in live.commands if c.reason not in NOT_DECIDED_BY_A_MODEL and self._in(c.item_id)
                         and (self.stations is None or c.station_id in self.stations)]  # fmt: skip
@@ -160,9 +166,15 @@ class Shadow:
     def _sampled(self, raw: RawFrame) -> bool:
         try:
             frame = parse_frame(raw, self.topic_prefix)
-            return self._in(frame.item_id) and (self.stations is None or frame.station_id in self.stations)
         except FrameError:
             return False  # the live side dead-lettered it
+        if not self._in(frame.item_id) or (self.stations is not None and frame.station_id not in self.stations):
+            return False
+        then = self._late_passes.get((frame.item_id, frame.station_id), "never")
+        if then == "never":
+            return True
+        window = self.pipeline.pass_window_ms  # a view of a pass recirculated late: not one to compare
+        return not (then is None or frame.captured_at_ms is None or abs(frame.captured_at_ms - then) <= window)
 
     def _loop(self) -> None:
         lowest_priority()
@@ -181,8 +193,8 @@ class Shadow:
                 time.sleep(0.1)
 
     def _batch(self, seq: int | None, frames: list[RawFrame], live: list[RoutingCommand]) -> None:
-        self._forget_due()
         try:
+            self._forget_due()
             for command in live:
                 self.agreement.add("live", command)
             started = time.perf_counter()
