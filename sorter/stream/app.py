@@ -184,7 +184,7 @@ def _build_worker(settings: Settings, *, create_topics: bool = True, **kwargs) -
 def build_shadow(settings: Settings, pipeline: Pipeline, read: Checkpoint, metrics, clients: KafkaClients) -> Shadow:
     """The candidate model beside the live one (shadow.py): built as the live model is, checked against the same
     routing table, its own pipeline (the live table, an in-process cache, its own decoder) and topic."""
-    model = _candidate(settings, pipeline, settings.shadow.checkpoint, read)
+    model = _candidate(settings, settings.shadow.checkpoint, read)
     log.info("shadow.loaded", candidate=model.model_version, live=pipeline.model.model_version,
              topic=settings.shadow.topic, fraction=settings.shadow.fraction, backbone=model.meta.backbone,
              precision=model.precision)  # fmt: skip
@@ -200,7 +200,7 @@ def build_canary(
     ``live``, the checkpoint the live model was built from) deciding their items on the side (its baseline):
     that shadow is returned, the canary set on the pipeline."""
     c = settings.canary
-    model = _candidate(settings, pipeline, c.checkpoint, read)
+    model = _candidate(settings, c.checkpoint, read)
     if model.input_size != pipeline.model.input_size:
         raise ConfigError(
             f"canary.checkpoint {c.checkpoint} takes {model.input_size} px photos and the live model "
@@ -211,7 +211,7 @@ def build_canary(
             f"canary.checkpoint {c.checkpoint} holds the live model's version {model.model_version}: a canary "
             "must be another model (its decisions are told apart by their model_version)"
         )
-    baseline = _candidate(settings, pipeline, settings.model.checkpoint, live)
+    baseline = _candidate(settings, settings.model.checkpoint, live)
     canary = Canary(model, c.stations, window=c.window, min_agreement=c.min_agreement,
                     max_review_rate=c.max_review_rate, metrics=metrics)  # fmt: skip
     pipeline.canary = canary
@@ -232,7 +232,7 @@ def check_shadow_topic(settings: Settings) -> None:
         raise ConfigError(f"shadow.topic {topic} is {clash}: set SORTER_SHADOW__TOPIC to a topic of its own")
 
 
-def _candidate(settings: Settings, pipeline: Pipeline, path, read: Checkpoint) -> Classifier:
+def _candidate(settings: Settings, path, read: Checkpoint) -> Classifier:
     m = settings.model
     return Classifier(path, device=m.device, precision=m.precision, compile=m.compile,
                       max_batch=settings.batch.max_size, read=read)  # fmt: skip

@@ -30,6 +30,32 @@ def _events(log_path) -> list[dict]:
     return [json.loads(line) for line in log_path.read_text(errors="replace").splitlines() if line.startswith("{")]
 
 
+def _run_worker(config, log_path, bootstrap: str, ticks, photos, every_s: float) -> None:
+    """``sorter run --config`` until idle: once it holds its partitions, each tick's frames (topic, item id,
+    station) go out together, one tick every ``every_s``; it must exit cleanly."""
+    with log_path.open("w") as out:
+        argv = [sys.executable, "-m", "sorter", "run", "--config", str(config), "--idle-exit", "4"]
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+        try:
+            deadline = time.monotonic() + 120
+            while not any(e["event"] == "worker.assigned" for e in _events(log_path)):
+                assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+                time.sleep(0.1)
+            p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0})
+            for i, tick in enumerate(ticks):
+                for topic, item, station in tick:
+                    headers = [("item-id", item.encode()), ("station-id", station.encode()),
+                               ("captured-at", str(time.time_ns() // 1_000_000).encode())]  # fmt: skip
+                    p.produce(topic, photos[i % len(photos)], item.encode(), headers=headers)
+                p.poll(0)
+                time.sleep(every_s)
+            p.flush(30)
+            assert proc.wait(120) == 0, log_path.read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
 def _candidate(checkpoint, path):
     """The live model with two classes' outputs swapped: it disagrees, by design, on the items of those two."""
     model, meta = load_checkpoint(checkpoint)
@@ -56,26 +82,8 @@ def test_shadow_decisions_on_their_own_topic_match_a_direct_replay_of_the_candid
     designs = catalog(4)
     photos = [render(designs[i % 4], rng, size=(160, 120)) for i in range(24)]
     n = 80
-    with log_path.open("w") as out:
-        argv = [sys.executable, "-m", "sorter", "run", "--config", str(config), "--idle-exit", "4"]
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"})
-        try:
-            deadline = time.monotonic() + 120
-            while not any(e["event"] == "worker.assigned" for e in _events(log_path)):
-                assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
-                time.sleep(0.1)
-            p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0})
-            for i in range(n):  # steady traffic, 25 items/s
-                headers = [("item-id", f"{namespace}-{i}".encode()), ("station-id", b"dock-1"),
-                           ("captured-at", str(time.time_ns() // 1_000_000).encode())]  # fmt: skip
-                p.produce(topic, photos[i % len(photos)], f"{namespace}-{i}".encode(), headers=headers)
-                p.poll(0)
-                time.sleep(0.04)
-            p.flush(30)
-            assert proc.wait(120) == 0, log_path.read_text()[-3000:]
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+    ticks = [[(topic, f"{namespace}-{i}", "dock-1")] for i in range(n)]
+    _run_worker(config, log_path, bootstrap, ticks, photos, every_s=0.04)  # steady traffic, 25 items/s
 
     live = [json.loads(m.value()) for m in consume_all(bootstrap, settings.kafka.commands_topic, expect=n)]
     shadow = [json.loads(m.value()) for m in consume_all(bootstrap, f"{namespace}-shadow", expect=n)]
@@ -131,28 +139,8 @@ def test_a_canary_that_disagrees_with_the_live_model_rolls_back_by_itself(
     designs = catalog(4)
     photos = [render(designs[i % 4], rng, size=(160, 120)) for i in range(24)]
     n = 90  # per station
-    with log_path.open("w") as out:
-        argv = [sys.executable, "-m", "sorter", "run", "--config", str(config), "--idle-exit", "4"]
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"})
-        try:
-            deadline = time.monotonic() + 120
-            while not any(e["event"] == "worker.assigned" for e in _events(log_path)):
-                assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
-                time.sleep(0.1)
-            p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0})
-            for i in range(n):  # steady traffic, 2 x 12.5 items/s
-                for station, topic in topics.items():
-                    item = f"{namespace}-{station}-{i}"
-                    headers = [("item-id", item.encode()), ("station-id", station.encode()),
-                               ("captured-at", str(time.time_ns() // 1_000_000).encode())]  # fmt: skip
-                    p.produce(topic, photos[i % len(photos)], item.encode(), headers=headers)
-                p.poll(0)
-                time.sleep(0.08)
-            p.flush(30)
-            assert proc.wait(120) == 0, log_path.read_text()[-3000:]
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+    ticks = [[(topic, f"{namespace}-{station}-{i}", station) for station, topic in topics.items()] for i in range(n)]
+    _run_worker(config, log_path, bootstrap, ticks, photos, every_s=0.08)  # steady traffic, 2 x 12.5 items/s
     commands = [json.loads(m.value()) for m in consume_all(bootstrap, settings.kafka.commands_topic, expect=2 * n)]
     assert Counter(c["item_id"] for c in commands) == Counter(f"{namespace}-{s}-{i}" for s in topics for i in range(n))
     by_station = {s: [c["model_version"] for c in sorted(commands, key=lambda c: c["source"]["offset"])
