@@ -518,15 +518,8 @@ class Worker:
         request = self._control_request()
         if request is not None:
             pending = self._new_model
-            if (
-                pending is not None
-                and pending.path == request.checkpoint
-                and request.version
-                in (
-                    None,
-                    pending.model.model_version,
-                )
-            ):
+            retried = pending is not None and pending.path == request.checkpoint
+            if retried and request.version in (None, pending.model.model_version):
                 pass  # the same request again (a publisher's retry): it serves from the next batch
             elif request.version is not None and request.version == self._serving_version:
                 self._new_model = None  # loaded but not served yet: the newest request wins, a rollback included
